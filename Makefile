@@ -1,0 +1,45 @@
+# Two entry points from a clean clone: `make run` serves the shipped model, `make test` runs every check.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: run test lint format bench default-model clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# The service alone: no torch.
+$(VENV)/.serve-installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -e .
+	touch $@
+
+# Training and tests: CPU torch first, so the extras never pull a CUDA build.
+$(VENV)/.dev-installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install torch==2.13.0
+	$(BIN)/pip install -e '.[train,dev]'
+	touch $@ $(VENV)/.serve-installed
+
+run: $(VENV)/.serve-installed
+	$(BIN)/vae-serve
+
+lint: $(VENV)/.dev-installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+test: lint
+	$(BIN)/pytest
+
+format: $(VENV)/.dev-installed
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+# Rebuild the shipped default model from scratch (about 10 minutes on 2 CPU cores).
+default-model: $(VENV)/.dev-installed
+	$(BIN)/vae-train --config training/configs/mnist.toml --run-dir runs/default --export-dir model/default
+
+bench: $(VENV)/.dev-installed
+	$(BIN)/python -m benchmarks.run
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,1 @@
+"""The HTTP service: FastAPI on onnxruntime. Never imports torch."""

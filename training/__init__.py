@@ -1,0 +1,1 @@
+"""Offline training: data, the training loop, evaluation and the command line."""
