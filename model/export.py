@@ -1,0 +1,238 @@
+"""Turn a trained VAE into a servable model directory: encoder.onnx, decoder.onnx and manifest.json.
+
+Both graphs are checked with onnx.checker and compared against PyTorch on onnxruntime before the manifest is
+written; a model directory with a manifest is therefore always one that passed the parity check.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import onnx
+import onnxruntime
+import torch
+from torch import Tensor, nn
+
+from model.manifest import (
+    MANIFEST_FILENAME,
+    ImageSpec,
+    Manifest,
+    ModelFiles,
+    OnnxFile,
+    TensorNames,
+    TrainingData,
+    sha256_of,
+    write_manifest,
+)
+from model.vae import VAE, VaeConfig
+
+ENCODER_FILENAME = "encoder.onnx"
+DECODER_FILENAME = "decoder.onnx"
+# Largest allowed max-abs difference between onnxruntime and PyTorch, per output.
+PARITY_TOLERANCE = 1e-4
+# Batch sizes the parity check runs at; two sizes prove the batch axis is really symbolic.
+PARITY_BATCH_SIZES = (1, 37)
+_TENSORS = TensorNames()
+_BATCH_DIM_NAME = "batch"
+
+
+class ExportError(Exception):
+    """The exported ONNX graphs are invalid or do not reproduce the PyTorch model."""
+
+
+class _EncoderGraph(nn.Module):
+    """What encoder.onnx computes: images (N, C, H, W) in [0, 1] -> mean, log_var (N, latent_dim)."""
+
+    def __init__(self, vae: VAE) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        return self.vae.encode(images)
+
+
+class _DecoderGraph(nn.Module):
+    """What decoder.onnx computes: latents (N, latent_dim) -> images (N, C, H, W) in [0, 1] via sigmoid."""
+
+    def __init__(self, vae: VAE) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latents: Tensor) -> Tensor:
+        return torch.sigmoid(self.vae.decode(latents))
+
+
+def _export_graph(
+    module: nn.Module, example: Tensor, path: Path, input_name: str, output_names: list[str], opset: int
+) -> None:
+    """Export module with a symbolic batch axis on its input (and so its outputs), weights inline."""
+    torch.onnx.export(
+        module.eval(),
+        (example,),
+        str(path),
+        input_names=[input_name],
+        output_names=output_names,
+        opset_version=opset,
+        dynamo=True,
+        dynamic_shapes={input_name: {0: torch.export.Dim(_BATCH_DIM_NAME)}},
+        external_data=False,
+        verbose=False,
+    )
+    model = onnx.load(str(path))
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except onnx.checker.ValidationError as error:
+        raise ExportError(f"{path.name} fails onnx.checker: {error}") from error
+    for value in [*model.graph.input, *model.graph.output]:
+        batch_dim = value.type.tensor_type.shape.dim[0]
+        if not batch_dim.dim_param:
+            raise ExportError(f"{path.name}: {value.name!r} has a fixed batch axis ({batch_dim.dim_value})")
+
+
+def _max_abs_diff(actual: np.ndarray, expected: Tensor) -> float:
+    return float(np.max(np.abs(actual - expected.numpy())))
+
+
+def check_parity(vae: VAE, encoder_path: Path, decoder_path: Path, *, seed: int = 0) -> dict[str, float]:
+    """Run both graphs on onnxruntime and PyTorch at PARITY_BATCH_SIZES; returns the worst max-abs diffs.
+
+    Raises ExportError naming the output and the measured diff when one exceeds PARITY_TOLERANCE.
+    """
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = 1
+    providers = ["CPUExecutionProvider"]
+    encoder = onnxruntime.InferenceSession(str(encoder_path), options, providers=providers)
+    decoder = onnxruntime.InferenceSession(str(decoder_path), options, providers=providers)
+    generator = torch.Generator().manual_seed(seed)
+    worst = {"mean": 0.0, "log_var": 0.0, "images": 0.0}
+    for batch_size in PARITY_BATCH_SIZES:
+        images = torch.rand((batch_size, *vae.config.image_shape), generator=generator)
+        latents = torch.randn((batch_size, vae.config.latent_dim), generator=generator)
+        with torch.no_grad():
+            mean, log_var = vae.encode(images)
+            decoded = torch.sigmoid(vae.decode(latents))
+        onnx_mean, onnx_log_var = encoder.run(
+            [_TENSORS.encoder_mean, _TENSORS.encoder_log_var], {_TENSORS.encoder_input: images.numpy()}
+        )
+        (onnx_images,) = decoder.run([_TENSORS.decoder_output], {_TENSORS.decoder_input: latents.numpy()})
+        for output, actual, expected in (
+            ("mean", onnx_mean, mean),
+            ("log_var", onnx_log_var, log_var),
+            ("images", onnx_images, decoded),
+        ):
+            if actual.shape != tuple(expected.shape):
+                raise ExportError(
+                    f"onnxruntime {output} has shape {actual.shape} at batch {batch_size}, "
+                    f"PyTorch has {tuple(expected.shape)}"
+                )
+            diff = _max_abs_diff(actual, expected)
+            if not diff <= PARITY_TOLERANCE:  # also catches NaN
+                raise ExportError(
+                    f"onnxruntime {output} differs from PyTorch by max abs {diff:.3g} at batch {batch_size} "
+                    f"(tolerance {PARITY_TOLERANCE:g})"
+                )
+            worst[output] = max(worst[output], diff)
+    return worst
+
+
+def export_model(
+    vae: VAE,
+    out_dir: Path,
+    *,
+    name: str,
+    version: str,
+    likelihood: Literal["bernoulli", "gaussian"],
+    training_data: TrainingData,
+    test_metrics: dict[str, float],
+    opset: int = 18,
+) -> Manifest:
+    """Write encoder.onnx, decoder.onnx, manifest.json to out_dir after a parity check; returns the manifest.
+
+    Everything is built and checked in a staging directory first; on any failure out_dir is left untouched.
+    """
+    if opset < 17:
+        raise ExportError(f"opset must be >= 17, got {opset}")
+    config = vae.config
+    # A CPU eval-mode copy: the caller's module keeps its device and train/eval mode.
+    vae = copy.deepcopy(vae).cpu().eval()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out_dir))
+    try:
+        encoder_path, decoder_path = staging / ENCODER_FILENAME, staging / DECODER_FILENAME
+        example_images = torch.rand((2, *config.image_shape), generator=torch.Generator().manual_seed(0))
+        example_latents = torch.zeros((2, config.latent_dim))
+        tensors = _TENSORS
+        _export_graph(
+            _EncoderGraph(vae),
+            example_images,
+            encoder_path,
+            tensors.encoder_input,
+            [tensors.encoder_mean, tensors.encoder_log_var],
+            opset,
+        )
+        _export_graph(
+            _DecoderGraph(vae),
+            example_latents,
+            decoder_path,
+            tensors.decoder_input,
+            [tensors.decoder_output],
+            opset,
+        )
+        check_parity(vae, encoder_path, decoder_path)
+        manifest = Manifest(
+            name=name,
+            version=version,
+            created_at=datetime.now(timezone.utc),
+            image=ImageSpec(
+                channels=config.image_shape[0], height=config.image_shape[1], width=config.image_shape[2]
+            ),
+            latent_dim=config.latent_dim,
+            likelihood=likelihood,
+            tensors=tensors,
+            training_data=training_data,
+            test_metrics=test_metrics,
+            opset=opset,
+            package_versions={
+                "torch": torch.__version__,
+                "onnx": onnx.__version__,
+                "onnxruntime": onnxruntime.__version__,
+                "numpy": np.__version__,
+            },
+            files=ModelFiles(
+                encoder=OnnxFile(path=ENCODER_FILENAME, sha256=sha256_of(encoder_path)),
+                decoder=OnnxFile(path=DECODER_FILENAME, sha256=sha256_of(decoder_path)),
+            ),
+        )
+        # Drop any previous manifest first, so a crash mid-move never leaves one naming the wrong files.
+        (out_dir / MANIFEST_FILENAME).unlink(missing_ok=True)
+        os.replace(encoder_path, out_dir / ENCODER_FILENAME)
+        os.replace(decoder_path, out_dir / DECODER_FILENAME)
+        write_manifest(out_dir, manifest)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return manifest
+
+
+def export_untrained(
+    out_dir: Path, config: VaeConfig, *, seed: int = 0, name: str = "untrained", version: str = "0"
+) -> Manifest:
+    """Export a randomly initialised VAE(config) (torch.manual_seed(seed)): tiny, valid models for tests."""
+    torch.manual_seed(seed)
+    vae = VAE(config)
+    return export_model(
+        vae,
+        out_dir,
+        name=name,
+        version=version,
+        likelihood="bernoulli",
+        training_data=TrainingData(name="none", train_size=0, validation_size=0, test_size=0),
+        test_metrics={},
+        opset=18,
+    )
