@@ -1,0 +1,181 @@
+"""ONNX export: graph contract, parity with PyTorch, manifest integrity and failure modes."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+import torch
+from torch import Tensor
+
+import model.export
+from model.export import ExportError, export_untrained
+from model.manifest import (
+    ManifestError,
+    TrainingData,
+    load_model_dir,
+    read_manifest,
+    sha256_of,
+    verify_files,
+    write_manifest,
+)
+
+if TYPE_CHECKING:  # conftest is not importable at runtime under --import-mode=importlib
+    from conftest import ExportedModel
+
+BATCH_SIZES = (1, 37)
+
+
+@pytest.fixture(params=["rgb", "gray"])
+def exported(request: pytest.FixtureRequest) -> ExportedModel:
+    model: ExportedModel = request.getfixturevalue(f"{request.param}_model")
+    return model
+
+
+def _session(path: Path) -> onnxruntime.InferenceSession:
+    return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def _max_abs_diff(actual: np.ndarray, expected: Tensor) -> float:
+    return float(np.max(np.abs(actual - expected.numpy())))
+
+
+def _shape(value: onnx.ValueInfoProto) -> list[str | int]:
+    return [dim.dim_param or dim.dim_value for dim in value.type.tensor_type.shape.dim]
+
+
+def test_graphs_have_the_contract_names_and_a_symbolic_batch_axis(exported: ExportedModel) -> None:
+    channels, height, width = exported.vae.config.image_shape
+    latent_dim = exported.vae.config.latent_dim
+    encoder = onnx.load(str(exported.model_dir / "encoder.onnx"))
+    decoder = onnx.load(str(exported.model_dir / "decoder.onnx"))
+    assert [(v.name, _shape(v)) for v in encoder.graph.input] == [
+        ("images", ["batch", channels, height, width])
+    ]
+    assert [(v.name, _shape(v)) for v in encoder.graph.output] == [
+        ("mean", ["batch", latent_dim]),
+        ("log_var", ["batch", latent_dim]),
+    ]
+    assert [(v.name, _shape(v)) for v in decoder.graph.input] == [("latents", ["batch", latent_dim])]
+    assert [(v.name, _shape(v)) for v in decoder.graph.output] == [
+        ("images", ["batch", channels, height, width])
+    ]
+    # Weights are inline, sampling stays out of the graphs, the decoder ends in a sigmoid.
+    assert sorted(path.name for path in exported.model_dir.iterdir()) == [
+        "decoder.onnx",
+        "encoder.onnx",
+        "manifest.json",
+    ]
+    for graph in (encoder, decoder):
+        assert not {"RandomNormal", "RandomNormalLike", "RandomUniform"} & {
+            n.op_type for n in graph.graph.node
+        }
+        assert all(t.data_location == onnx.TensorProto.DEFAULT for t in graph.graph.initializer)
+        assert graph.opset_import[0].version == 18
+    assert decoder.graph.node[-1].op_type == "Sigmoid"
+
+
+@pytest.mark.parametrize("batch_size", BATCH_SIZES)
+def test_onnxruntime_matches_pytorch(exported: ExportedModel, batch_size: int) -> None:
+    generator = torch.Generator().manual_seed(batch_size)
+    images = torch.rand((batch_size, *exported.vae.config.image_shape), generator=generator)
+    latents = 3 * torch.randn((batch_size, exported.vae.config.latent_dim), generator=generator)
+    with torch.no_grad():
+        mean, log_var = exported.vae.encode(images)
+        decoded = torch.sigmoid(exported.vae.decode(latents))
+    onnx_mean, onnx_log_var = _session(exported.model_dir / "encoder.onnx").run(
+        None, {"images": images.numpy()}
+    )
+    (onnx_images,) = _session(exported.model_dir / "decoder.onnx").run(None, {"latents": latents.numpy()})
+    assert onnx_mean.shape == onnx_log_var.shape == (batch_size, exported.vae.config.latent_dim)
+    assert onnx_images.shape == (batch_size, *exported.vae.config.image_shape)
+    assert onnx_images.dtype == np.float32
+    assert _max_abs_diff(onnx_mean, mean) <= 1e-4
+    assert _max_abs_diff(onnx_log_var, log_var) <= 1e-4
+    assert _max_abs_diff(onnx_images, decoded) <= 1e-4
+    assert onnx_images.min() >= 0.0
+    assert onnx_images.max() <= 1.0
+
+
+def test_encoder_graph_clamps_log_var(gray_model: ExportedModel) -> None:
+    config = gray_model.vae.config
+    images = np.random.default_rng(0).random((5, *config.image_shape), dtype=np.float32)
+    _, log_var = _session(gray_model.model_dir / "encoder.onnx").run(None, {"images": images})
+    # The fixture sets the raw log_var biases of units 0 and 1 to +60 and -60.
+    assert log_var[:, 0].tolist() == [config.log_var_max] * 5
+    assert log_var[:, 1].tolist() == [config.log_var_min] * 5
+
+
+def test_manifest_fields_and_round_trip(gray_model: ExportedModel, tmp_path: Path) -> None:
+    manifest = gray_model.manifest
+    assert read_manifest(gray_model.model_dir) == manifest
+    assert (manifest.name, manifest.version, manifest.likelihood) == ("gray-test", "1.2.3", "gaussian")
+    assert manifest.image.shape == (1, 28, 28)
+    assert manifest.latent_dim == 4
+    assert manifest.opset == 18
+    assert (
+        manifest.created_at.utcoffset() is not None and manifest.created_at.utcoffset().total_seconds() == 0
+    )
+    assert manifest.training_data == TrainingData(
+        name="synthetic", train_size=10, validation_size=2, test_size=3
+    )
+    assert manifest.test_metrics == {"negative_elbo": 123.5, "active_units": 2.0}
+    assert manifest.package_versions == {
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "numpy": np.__version__,
+    }
+    assert manifest.files.encoder.sha256 == sha256_of(gray_model.model_dir / "encoder.onnx")
+    assert manifest.files.decoder.sha256 == sha256_of(gray_model.model_dir / "decoder.onnx")
+    write_manifest(tmp_path, manifest)
+    assert read_manifest(tmp_path) == manifest
+
+
+def test_flipped_byte_fails_the_checksum(rgb_model: ExportedModel, tmp_path: Path) -> None:
+    model_dir = Path(shutil.copytree(rgb_model.model_dir, tmp_path / "model"))
+    assert load_model_dir(model_dir)[0] == rgb_model.manifest
+    encoder_path = model_dir / "encoder.onnx"
+    data = bytearray(encoder_path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    encoder_path.write_bytes(bytes(data))
+    with pytest.raises(ManifestError, match=r"encoder file encoder\.onnx has sha256"):
+        verify_files(model_dir, rgb_model.manifest)
+
+
+def test_missing_decoder_fails(rgb_model: ExportedModel, tmp_path: Path) -> None:
+    model_dir = Path(shutil.copytree(rgb_model.model_dir, tmp_path / "model"))
+    (model_dir / "decoder.onnx").unlink()
+    with pytest.raises(ManifestError, match=r"decoder file decoder\.onnx .* is missing"):
+        verify_files(model_dir, rgb_model.manifest)
+
+
+def test_parity_failure_raises_and_keeps_the_old_model(
+    rgb_model: ExportedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A decoder graph that forgets the sigmoid exports and passes onnx.checker, but returns logits.
+    monkeypatch.setattr(model.export._DecoderGraph, "forward", lambda self, latents: self.vae.decode(latents))
+    model_dir = Path(shutil.copytree(rgb_model.model_dir, tmp_path / "model"))
+    with pytest.raises(
+        ExportError, match=r"onnxruntime images differs from PyTorch by max abs \d.* at batch 1"
+    ):
+        export_untrained(model_dir, rgb_model.vae.config, seed=1, name="broken")
+    # The previous export is untouched and still verifies; no staging directory is left behind.
+    assert load_model_dir(model_dir)[0] == rgb_model.manifest
+    assert sorted(path.name for path in model_dir.iterdir()) == [
+        "decoder.onnx",
+        "encoder.onnx",
+        "manifest.json",
+    ]
+
+
+def test_same_seed_exports_the_same_bytes(rgb_model: ExportedModel, tmp_path: Path) -> None:
+    manifest = export_untrained(tmp_path, rgb_model.vae.config, seed=0)
+    assert manifest.files == rgb_model.manifest.files
+    for name in ("encoder.onnx", "decoder.onnx"):
+        assert (tmp_path / name).read_bytes() == (rgb_model.model_dir / name).read_bytes()
