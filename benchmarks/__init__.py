@@ -1,0 +1,1 @@
+"""Load-test suite for the service against its baselines (issue 5); entry point `python -m benchmarks.run`."""
