@@ -1,0 +1,212 @@
+"""Command lines: `vae-train` (train, evaluate, plot, export) and `vae-export CHECKPOINT OUT_DIR`.
+
+Every TrainConfig field is a flag (`latent_dim` -> `--latent-dim`); flags override the `--config` TOML file,
+which overrides the defaults. Tuples are comma-separated (`--widths 32,64`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+from model.export import export_model
+from model.manifest import Manifest, TrainingData
+from training.config import ConfigError, TrainConfig, load_config, read_toml
+from training.data import DatasetError, load_dataset
+from training.evaluate import evaluate
+from training.plots import save_all_plots
+from training.train import (
+    CHECKPOINT_FILENAME,
+    Trainer,
+    load_checkpoint,
+    model_from_checkpoint,
+    save_checkpoint,
+)
+
+TEST_METRICS_FILENAME = "test_metrics.json"
+
+
+def _parse_tuple(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split(",") if part.strip())
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field, defaulting to None (= not given) so the file and defaults apply."""
+    hints = typing.get_type_hints(TrainConfig)
+    group = parser.add_argument_group("training configuration (override the --config file)")
+    for config_field in dataclasses.fields(TrainConfig):
+        flag = "--" + config_field.name.replace("_", "-")
+        hint = hints[config_field.name]
+        arguments = typing.get_args(hint)
+        if hint is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+            continue
+        if typing.get_origin(hint) is tuple:
+            parse: Any = _parse_tuple
+        elif typing.get_origin(hint) is typing.Literal:
+            group.add_argument(flag, choices=arguments, default=None)
+            continue
+        elif isinstance(hint, types.UnionType):  # int | None
+            parse = next(a for a in arguments if a is not type(None))
+        else:
+            parse = hint
+        group.add_argument(flag, type=parse, default=None, metavar=config_field.name.upper())
+
+
+def _given_flags(arguments: argparse.Namespace) -> dict[str, Any]:
+    names = {config_field.name for config_field in dataclasses.fields(TrainConfig)}
+    return {name: value for name, value in vars(arguments).items() if name in names and value is not None}
+
+
+def _resolve_config(arguments: argparse.Namespace) -> TrainConfig:
+    """Defaults < --config file < flags; with --resume, the checkpoint's config replaces the defaults."""
+    overrides = _given_flags(arguments)
+    checkpoint_path = arguments.run_dir / CHECKPOINT_FILENAME
+    if not (arguments.resume and checkpoint_path.is_file()):
+        return load_config(arguments.config, overrides)
+    values = dict(load_checkpoint(checkpoint_path)["train_config"])
+    if arguments.config is not None:
+        values.update(read_toml(arguments.config))
+    values.update(overrides)
+    return TrainConfig.from_dict(values)
+
+
+def _training_data(dataset: dict[str, Any]) -> TrainingData:
+    return TrainingData(**dataset)
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    """`vae-train`: train (or resume), evaluate the best checkpoint on the test split, save plots, export."""
+    parser = argparse.ArgumentParser(prog="vae-train", description=train_main.__doc__)
+    parser.add_argument("--config", type=Path, help="TOML config file (tables are flattened)")
+    parser.add_argument(
+        "--run-dir", type=Path, default=Path("runs/latest"), help="checkpoint, metrics, plots"
+    )
+    parser.add_argument(
+        "--export-dir", type=Path, help="model directory to export to (default RUN_DIR/model)"
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt if present"
+    )
+    _add_config_flags(parser)
+    arguments = parser.parse_args(argv)
+    try:
+        config = _resolve_config(arguments)
+        splits = load_dataset(config)
+    except (ConfigError, DatasetError) as error:
+        parser.error(str(error))
+    run_dir: Path = arguments.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    print(
+        f"dataset {splits.name}: train {len(splits.train)}, validation {len(splits.validation)}, "
+        f"test {len(splits.test)}, skipped unreadable files {splits.skipped_files}",
+        file=sys.stderr,
+    )
+    trainer = Trainer(config, splits, run_dir)
+    if arguments.resume and trainer.checkpoint_path.is_file():
+        try:
+            trainer.resume()
+        except ConfigError as error:
+            parser.error(str(error))
+        print(f"resumed from epoch {trainer.state.epochs_done}", file=sys.stderr)
+    state = trainer.fit()
+    print(
+        f"best validation negative ELBO {state.best_validation_negative_elbo:.3f} "
+        f"at epoch {state.best_epoch}",
+        file=sys.stderr,
+    )
+
+    vae = trainer.model
+    vae.load_state_dict(state.best_model_state)
+    vae.eval()
+    test_metrics = evaluate(
+        vae,
+        splits.test.images,
+        splits.train.images,
+        likelihood=config.likelihood,
+        gaussian_std=config.gaussian_std,
+        samples=config.eval_samples,
+        iwae_samples=config.iwae_samples,
+        seed=config.seed,
+    )
+    (run_dir / TEST_METRICS_FILENAME).write_text(json.dumps(test_metrics, indent=2) + "\n")
+    payload = trainer.checkpoint_payload()
+    payload["test_metrics"] = test_metrics
+    save_checkpoint(trainer.checkpoint_path, payload)
+    save_all_plots(vae, state.history, splits.test.images, splits.test.labels, run_dir)
+
+    export_dir = arguments.export_dir or run_dir / "model"
+    manifest = export_model(
+        vae,
+        export_dir,
+        name=config.model_name,
+        version=config.model_version,
+        likelihood=config.likelihood,
+        training_data=_training_data(payload["dataset"]),
+        test_metrics=test_metrics,
+    )
+    _report(manifest, export_dir)
+    return 0
+
+
+def _report(manifest: Manifest, export_dir: Path) -> None:
+    metrics = ", ".join(f"{key} {value:.4g}" for key, value in manifest.test_metrics.items())
+    print(f"exported {manifest.name} {manifest.version} to {export_dir}; test: {metrics}", file=sys.stderr)
+
+
+def export_main(argv: list[str] | None = None) -> int:
+    """`vae-export CHECKPOINT OUT_DIR`: export a checkpoint's best weights as ONNX + manifest.
+
+    Re-evaluates on the test split when the checkpoint's dataset can be loaded with the same split sizes;
+    otherwise reuses the test metrics stored in the checkpoint by vae-train.
+    """
+    parser = argparse.ArgumentParser(prog="vae-export", description=export_main.__doc__)
+    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--name", help="model name (default: the checkpoint config's model_name)")
+    parser.add_argument("--version", help="model version (default: the checkpoint config's model_version)")
+    arguments = parser.parse_args(argv)
+    try:
+        checkpoint = load_checkpoint(arguments.checkpoint)
+    except FileNotFoundError as error:
+        parser.error(str(error))
+    config = TrainConfig.from_dict(checkpoint["train_config"])
+    vae = model_from_checkpoint(checkpoint)
+    try:
+        splits = load_dataset(config)
+        if splits.sizes() != checkpoint["dataset"]:
+            raise DatasetError(f"dataset now splits as {splits.sizes()}, checkpoint: {checkpoint['dataset']}")
+        test_metrics = evaluate(
+            vae,
+            splits.test.images,
+            splits.train.images,
+            likelihood=config.likelihood,
+            gaussian_std=config.gaussian_std,
+            samples=config.eval_samples,
+            iwae_samples=config.iwae_samples,
+            seed=config.seed,
+        )
+        print("re-evaluated on the test split", file=sys.stderr)
+    except DatasetError as error:
+        if "test_metrics" not in checkpoint:
+            parser.error(f"cannot re-evaluate ({error}) and the checkpoint stores no test metrics")
+        test_metrics = checkpoint["test_metrics"]
+        print(f"reusing the checkpoint's test metrics: {error}", file=sys.stderr)
+    manifest = export_model(
+        vae,
+        arguments.out_dir,
+        name=arguments.name or config.model_name,
+        version=arguments.version or config.model_version,
+        likelihood=config.likelihood,
+        training_data=_training_data(checkpoint["dataset"]),
+        test_metrics=test_metrics,
+    )
+    _report(manifest, arguments.out_dir)
+    return 0
