@@ -1,0 +1,82 @@
+"""The README's settings and metrics tables, generated from the code: `python tests/deploy/readme_tables.py`.
+
+tests/deploy/test_readme.py checks that the README holds exactly these rows.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from prometheus_client.metrics import MetricWrapperBase
+from pydantic.fields import FieldInfo
+
+from app.config import Settings
+from app.metrics import Metrics
+
+SETTINGS_HEADER = ("Environment variable", "Default", "Description")
+METRICS_HEADER = ("Metric", "Type", "Labels", "Description")
+UNSET = "(unset)"
+
+
+def format_default(value: Any) -> str:
+    """A default as a user would write it in the environment; "(unset)" for None."""
+    if value is None:
+        return UNSET
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, Enum):
+        return str(value.value)
+    if isinstance(value, Path):
+        return value.as_posix()
+    return str(value)
+
+
+def settings_rows() -> list[tuple[str, str, str]]:
+    """One row per Settings field: (`VAE_<FIELD>`, default, description)."""
+    prefix = str(Settings.model_config.get("env_prefix", ""))
+    rows = []
+    for name, info in Settings.model_fields.items():
+        assert isinstance(info, FieldInfo) and info.description, f"Settings.{name} has no description"
+        rows.append((f"{prefix}{name}".upper(), format_default(info.get_default()), info.description))
+    return rows
+
+
+def metric_rows() -> list[tuple[str, str, str, str]]:
+    """One row per metric the service registers: (exposed name, type, labels, help text)."""
+    metrics = Metrics()
+    wrappers = [value for value in vars(metrics).values() if isinstance(value, MetricWrapperBase)]
+    rows = []
+    for wrapper in wrappers:
+        (family,) = wrapper.describe()
+        name = family.name + "_total" if family.type == "counter" else family.name
+        labels = ", ".join(wrapper._labelnames)  # prometheus_client keeps label names only here
+        rows.append((name, family.type, labels, family.documentation))
+    registered = {family.name for family in metrics.registry.collect()}
+    assert registered == {wrapper.describe()[0].name for wrapper in wrappers}, "a metric is not an attribute"
+    return rows
+
+
+def markdown_table(header: tuple[str, ...], rows: list[tuple[str, ...]], code_columns: int) -> str:
+    """A Markdown table; the first `code_columns` cells of each row are set in backticks."""
+
+    def cell(index: int, text: str) -> str:
+        return f"`{text}`" if index < code_columns and text not in ("", UNSET) else text
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(cell(i, text) for i, text in enumerate(row)) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def settings_table() -> str:
+    return markdown_table(SETTINGS_HEADER, list(settings_rows()), code_columns=2)
+
+
+def metrics_table() -> str:
+    return markdown_table(METRICS_HEADER, list(metric_rows()), code_columns=1)
+
+
+if __name__ == "__main__":
+    print(settings_table(), end="\n\n")
+    print(metrics_table())
