@@ -1,7 +1,8 @@
 """The VAE network: a conv encoder to a diagonal Gaussian q(z|x) and a mirrored decoder to pixel logits.
 
-Each downsampling stage is a 3x3 conv then a stride-2 4x4 conv (SiLU after both); the decoder mirrors it with
-stride-2 4x4 transposed convs. No normalisation layers, so train and eval mode compute the same function.
+Each downsampling stage is a stride-2 4x4 conv then a 3x3 conv (SiLU after both); the decoder mirrors it with
+a 3x3 conv then a stride-2 4x4 transposed conv, the last one emitting logits. The 3x3 convs run at the reduced
+resolution, keeping an MNIST epoch fast on CPU. No normalisation: train and eval compute the same function.
 """
 
 from __future__ import annotations
@@ -102,23 +103,23 @@ def soft_clamp(values: Tensor, low: float, high: float) -> Tensor:
 
 
 def _encoder_stage(in_channels: int, out_channels: int) -> nn.Sequential:
-    """(N, in, H, W) -> (N, out, H/2, W/2)."""
+    """(N, in, H, W) -> (N, out, H/2, W/2): downsample first, so the 3x3 conv runs at half resolution."""
     return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1),
-        nn.SiLU(),
-        nn.Conv2d(out_channels, out_channels, kernel_size=4, stride=2, padding=1),
-        nn.SiLU(),
-    )
-
-
-def _decoder_stage(in_channels: int, out_channels: int) -> nn.Sequential:
-    """(N, in, H, W) -> (N, out, 2H, 2W)."""
-    return nn.Sequential(
-        nn.ConvTranspose2d(in_channels, out_channels, kernel_size=4, stride=2, padding=1),
+        nn.Conv2d(in_channels, out_channels, kernel_size=4, stride=2, padding=1),
         nn.SiLU(),
         nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1),
         nn.SiLU(),
     )
+
+
+def _decoder_stage(in_channels: int, out_channels: int, *, last: bool) -> nn.Sequential:
+    """(N, in, H, W) -> (N, out, 2H, 2W); the mirror of _encoder_stage. The last stage emits raw logits."""
+    layers: list[nn.Module] = [
+        nn.Conv2d(in_channels, in_channels, kernel_size=3, padding=1),
+        nn.SiLU(),
+        nn.ConvTranspose2d(in_channels, out_channels, kernel_size=4, stride=2, padding=1),
+    ]
+    return nn.Sequential(*layers) if last else nn.Sequential(*layers, nn.SiLU())
 
 
 class VAE(nn.Module):
@@ -151,13 +152,12 @@ class VAE(nn.Module):
             nn.Unflatten(1, config.bottleneck_shape),
         )
         reversed_widths = config.widths[::-1]
-        stage_outputs = (*reversed_widths[1:], config.widths[0])
+        stage_outputs = (*reversed_widths[1:], channels)
         self.decoder_convs = nn.Sequential(
             *(
-                _decoder_stage(c_in, c_out)
-                for c_in, c_out in zip(reversed_widths, stage_outputs, strict=True)
-            ),
-            nn.Conv2d(config.widths[0], channels, kernel_size=3, padding=1),
+                _decoder_stage(c_in, c_out, last=index == len(config.widths) - 1)
+                for index, (c_in, c_out) in enumerate(zip(reversed_widths, stage_outputs, strict=True))
+            )
         )
 
     def encode(self, images: Tensor) -> tuple[Tensor, Tensor]:
