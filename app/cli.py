@@ -1,0 +1,68 @@
+"""`vae-serve`: load and check the model, then serve it with uvicorn in one worker process.
+
+Every Settings field is a flag (`--max-batch-size 32`) and a `VAE_` environment variable; flags win.
+Metrics are per process, so run one process per container and scale with containers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+import uvicorn
+from pydantic import ValidationError
+
+from app.config import Settings
+from app.engine import Engine, StartupError
+from app.main import create_app
+from model.manifest import ManifestError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vae-serve",
+        description="Serve a VAE model directory over HTTP. Each flag can also be set as VAE_<NAME>.",
+    )
+    for name, field in Settings.model_fields.items():
+        parser.add_argument(
+            "--" + name.replace("_", "-"),
+            dest=name,
+            default=argparse.SUPPRESS,  # unset flags leave the environment and defaults in charge
+            help=f"{field.description} (env VAE_{name.upper()}, default {field.default})",
+        )
+    return parser
+
+
+def _settings_error(error: ValidationError) -> str:
+    problems = []
+    for item in error.errors(include_url=False):
+        name = ".".join(str(part) for part in item["loc"]) or "settings"
+        flag = f"--{name.replace('_', '-')} / VAE_{name.upper()}" if item["loc"] else name
+        problems.append(f"{flag}: {item['msg']}")
+    return "invalid settings: " + "; ".join(problems)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    arguments = vars(build_parser().parse_args(argv))
+    try:
+        settings = Settings(**arguments)
+    except ValidationError as error:
+        print(f"vae-serve: error: {_settings_error(error)}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        engine = Engine.load(settings)
+    except (ManifestError, StartupError) as error:
+        print(f"vae-serve: error: cannot serve the model: {error}", file=sys.stderr)
+        return 1
+    app = create_app(settings, engine)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, workers=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""The loaded model: two onnxruntime sessions checked against the manifest, and one batcher per part.
+
+Routes call `encode` / `decode`; nothing else in the service touches onnxruntime.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from app.batcher import Batcher
+from app.config import ExecutionProvider, Settings
+from app.metrics import Metrics
+from model.manifest import DEFAULT_MODEL_DIR, Manifest, load_model_dir
+
+logger = logging.getLogger(__name__)
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+
+
+class StartupError(Exception):
+    """The model cannot be served: bad model directory, graph disagreeing with the manifest, no CUDA."""
+
+
+def select_providers(requested: ExecutionProvider, available: Sequence[str]) -> list[str]:
+    """onnxruntime providers, best first: 'auto' prefers CUDA (CPU as fallback), 'cpu' forces CPU."""
+    if requested == "cpu":
+        return [CPU]
+    if CUDA in available:
+        return [CUDA, CPU]
+    if requested == "cuda":
+        raise StartupError(
+            f"execution provider 'cuda' was requested, but onnxruntime offers only {', '.join(available)}; "
+            "install onnxruntime-gpu with a matching CUDA runtime, or use --execution-provider auto or cpu"
+        )
+    return [CPU]
+
+
+def _check_dims(what: str, actual: Sequence[object], expected: Sequence[int]) -> None:
+    """Shapes must match the manifest except the batch axis; symbolic (dynamic) dims are accepted."""
+    if len(actual) != len(expected) or any(
+        isinstance(dim, int) and dim != want for dim, want in zip(actual[1:], expected[1:], strict=True)
+    ):
+        shown = ["N", *expected[1:]]
+        raise StartupError(f"{what} has shape {list(actual)}, but the manifest implies {shown}")
+
+
+def _check_names(what: str, actual: list[str], expected: list[str]) -> None:
+    if sorted(actual) != sorted(expected):
+        raise StartupError(f"{what} are named {actual}, but the manifest says {expected}")
+
+
+class Engine:
+    """A verified, warmed-up model and the batchers that feed it."""
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        encoder_session: ort.InferenceSession,
+        decoder_session: ort.InferenceSession,
+        model_dir: Path,
+    ) -> None:
+        self.manifest = manifest
+        self.model_dir = model_dir
+        self.encoder_session = encoder_session
+        self.decoder_session = decoder_session
+        self.providers: list[str] = encoder_session.get_providers()
+        self._encoder_batcher: Batcher | None = None
+        self._decoder_batcher: Batcher | None = None
+        self.warmed_up = False
+        names = manifest.tensors
+        self._encoder_outputs = [names.encoder_mean, names.encoder_log_var]
+        self._decoder_outputs = [names.decoder_output]
+
+    @property
+    def provider(self) -> str:
+        """The provider that runs the model (the first one the session uses)."""
+        return self.providers[0]
+
+    @property
+    def ready(self) -> bool:
+        return self.warmed_up and self._encoder_batcher is not None
+
+    @classmethod
+    def load(cls, settings: Settings) -> Engine:
+        """Read and verify the model directory, open both sessions, check them against the manifest, warm up.
+
+        Raises model.manifest.ManifestError or StartupError with a message saying what is wrong.
+        """
+        model_dir = settings.model_dir or DEFAULT_MODEL_DIR
+        if not model_dir.is_dir():
+            raise StartupError(f"model directory {model_dir} does not exist")
+        manifest, paths = load_model_dir(model_dir)
+        providers = select_providers(settings.execution_provider, ort.get_available_providers())
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = settings.intra_op_threads
+        options.inter_op_num_threads = 1
+        # Idle onnxruntime threads spinning between batches would steal the CPU the event loop needs.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        sessions = []
+        for part in ("encoder", "decoder"):
+            try:
+                sessions.append(ort.InferenceSession(str(paths[part]), options, providers=providers))
+            except Exception as error:  # onnxruntime raises its own untyped errors for unreadable graphs
+                raise StartupError(f"onnxruntime cannot load the {part} {paths[part]}: {error}") from error
+        engine = cls(manifest, sessions[0], sessions[1], model_dir)
+        engine.check_graphs()
+        engine.warm_up(settings.max_batch_size)
+        logger.info(
+            "loaded model %s version %s from %s on %s (requested %r)",
+            manifest.name,
+            manifest.version,
+            model_dir,
+            engine.provider,
+            settings.execution_provider,
+        )
+        return engine
+
+    def check_graphs(self) -> None:
+        """The sessions' input/output names and shapes must be what the manifest promises."""
+        names, latent_dim = self.manifest.tensors, self.manifest.latent_dim
+        image_shape = (-1, *self.manifest.image.shape)
+        encoder_inputs = self.encoder_session.get_inputs()
+        encoder_outputs = {output.name: output for output in self.encoder_session.get_outputs()}
+        decoder_inputs = self.decoder_session.get_inputs()
+        decoder_outputs = {output.name: output for output in self.decoder_session.get_outputs()}
+        _check_names("encoder inputs", [node.name for node in encoder_inputs], [names.encoder_input])
+        _check_names("encoder outputs", list(encoder_outputs), self._encoder_outputs)
+        _check_names("decoder inputs", [node.name for node in decoder_inputs], [names.decoder_input])
+        _check_names("decoder outputs", list(decoder_outputs), self._decoder_outputs)
+        _check_dims(f"encoder input {names.encoder_input!r}", encoder_inputs[0].shape, image_shape)
+        for name in self._encoder_outputs:
+            _check_dims(f"encoder output {name!r}", encoder_outputs[name].shape, (-1, latent_dim))
+        _check_dims(f"decoder input {names.decoder_input!r}", decoder_inputs[0].shape, (-1, latent_dim))
+        _check_dims(
+            f"decoder output {names.decoder_output!r}",
+            decoder_outputs[names.decoder_output].shape,
+            image_shape,
+        )
+
+    def warm_up(self, batch_size: int) -> None:
+        """Run one full batch through each part, so the first request does not pay for allocation."""
+        channels, height, width = self.manifest.image.shape
+        latent_dim = self.manifest.latent_dim
+        mean, log_var = self.run_encoder(np.zeros((batch_size, channels, height, width), dtype=np.float32))
+        (images,) = self.run_decoder(np.zeros((batch_size, latent_dim), dtype=np.float32))
+        for what, array, shape in (
+            ("encoder mean", mean, (batch_size, latent_dim)),
+            ("encoder log_var", log_var, (batch_size, latent_dim)),
+            ("decoder images", images, (batch_size, channels, height, width)),
+        ):
+            if array.shape != shape:
+                raise StartupError(f"warm-up: {what} came back with shape {array.shape}, expected {shape}")
+        self.warmed_up = True
+
+    def run_encoder(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(N, C, H, W) float32 in [0, 1] -> mean, log_var, each (N, L) float32. Blocking."""
+        mean, log_var = self.encoder_session.run(
+            self._encoder_outputs, {self.manifest.tensors.encoder_input: images}
+        )
+        return mean, log_var
+
+    def run_decoder(self, latents: np.ndarray) -> tuple[np.ndarray]:
+        """(N, L) float32 -> ((N, C, H, W) float32 in [0, 1],). Blocking."""
+        (images,) = self.decoder_session.run(
+            self._decoder_outputs, {self.manifest.tensors.decoder_input: latents}
+        )
+        return (images,)
+
+    def start(self, settings: Settings, metrics: Metrics) -> None:
+        """Start one batcher per part on the running event loop."""
+        batching: dict[str, Any] = {
+            "max_batch_size": settings.max_batch_size,
+            "max_wait_ms": settings.max_wait_ms,
+            "max_queue_items": settings.max_queue_items,
+        }
+        self._encoder_batcher = Batcher(
+            self.run_encoder, part="encoder", metrics=metrics.for_part("encoder"), **batching
+        )
+        self._decoder_batcher = Batcher(
+            self.run_decoder, part="decoder", metrics=metrics.for_part("decoder"), **batching
+        )
+        self._encoder_batcher.start()
+        self._decoder_batcher.start()
+
+    async def stop(self) -> None:
+        for batcher in (self._encoder_batcher, self._decoder_batcher):
+            if batcher is not None:
+                await batcher.stop()
+        self._encoder_batcher = self._decoder_batcher = None
+
+    async def encode(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(N, C, H, W) float32 in [0, 1] -> mean, log_var (N, L), batched with concurrent requests."""
+        assert self._encoder_batcher is not None, "Engine.start() was not called"
+        mean, log_var = await self._encoder_batcher.submit(images)
+        return mean, log_var
+
+    async def decode(self, latents: np.ndarray) -> np.ndarray:
+        """(N, L) float32 -> (N, C, H, W) float32 in [0, 1], batched with concurrent requests."""
+        assert self._decoder_batcher is not None, "Engine.start() was not called"
+        (images,) = await self._decoder_batcher.submit(latents)
+        return images

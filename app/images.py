@@ -1,0 +1,118 @@
+"""Image bytes <-> model arrays. The one place that touches Pillow.
+
+Uploads are converted to the model's channels and size: alpha is composited onto black, colour becomes
+grayscale with Pillow's "L" conversion (ITU-R 601-2 luma) for 1-channel models or "RGB" for 3-channel models,
+and the image is stretched to the model's height x width with Pillow's antialiased bilinear filter
+(`Image.Resampling.BILINEAR`; the aspect ratio is not kept). Model output is written as PNG after
+round(x * 255) to uint8, mode "L" or "RGB".
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+import warnings
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from app.errors import CorruptImage, ImageTooLarge, NotAnImage
+
+RESAMPLING_FILTER = Image.Resampling.BILINEAR
+GRID_PADDING_PIXELS = 2
+# Fast zlib level: model outputs are small and the bytes are sent once; the pixels are identical at any level.
+PNG_COMPRESS_LEVEL = 1
+
+
+def read_image_header(data: bytes, max_image_pixels: int) -> Image.Image:
+    """Open image bytes lazily (header only) and check the pixel count before anything is decoded."""
+    try:
+        with warnings.catch_warnings():
+            # Our own limit below decides; Pillow's bomb check only stops images far past its default.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise NotAnImage(
+            "the data is not an image in a format the server reads (PNG, JPEG, WebP, GIF, BMP, TIFF)"
+        ) from None
+    except Image.DecompressionBombError as error:
+        raise ImageTooLarge.from_message(f"{error}; at most {max_image_pixels} pixels are allowed") from None
+    except OSError as error:
+        raise CorruptImage(f"the image header cannot be read: {error}") from None
+    width, height = image.size
+    if width * height > max_image_pixels:
+        raise ImageTooLarge(width, height, max_image_pixels)
+    if width == 0 or height == 0:
+        raise CorruptImage(f"the image is {width}x{height} pixels; it must not be empty")
+    return image
+
+
+def to_model_array(image: Image.Image, channels: int, height: int, width: int) -> np.ndarray:
+    """Decode and convert one opened image to (C, H, W) float32 in [0, 1]."""
+    try:
+        image.load()
+    except (OSError, SyntaxError, ValueError) as error:  # Pillow reports truncated or corrupt data this way
+        raise CorruptImage(f"the image data is corrupt or truncated: {error}") from None
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
+    image = image.convert("L" if channels == 1 else "RGB")
+    if image.size != (width, height):
+        image = image.resize((width, height), RESAMPLING_FILTER)
+    pixels = np.asarray(image, dtype=np.float32) * np.float32(1 / 255)
+    return pixels[np.newaxis] if channels == 1 else pixels.transpose(2, 0, 1)
+
+
+def decode_images(blobs: list[bytes], shape: tuple[int, int, int], max_image_pixels: int) -> np.ndarray:
+    """Image files -> (N, C, H, W) float32 in [0, 1] for a model taking images of `shape` (C, H, W)."""
+    channels, height, width = shape
+    batch = np.empty((len(blobs), channels, height, width), dtype=np.float32)
+    for index, blob in enumerate(blobs):
+        batch[index] = to_model_array(read_image_header(blob, max_image_pixels), channels, height, width)
+    return batch
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """(N, C, H, W) float in [0, 1] -> (N, H, W, C) uint8 by round(x * 255)."""
+    return np.rint(np.clip(images, 0.0, 1.0) * 255).astype(np.uint8).transpose(0, 2, 3, 1)
+
+
+def _png_bytes(pixels: np.ndarray) -> bytes:
+    """(H, W, C) uint8 with C in {1, 3} -> PNG bytes, mode "L" or "RGB"."""
+    image = Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+    return buffer.getvalue()
+
+
+def encode_pngs(images: np.ndarray) -> list[bytes]:
+    """(N, C, H, W) float in [0, 1] -> one PNG per image."""
+    return [_png_bytes(pixels) for pixels in to_uint8(images)]
+
+
+def encode_base64_pngs(images: np.ndarray) -> list[str]:
+    """(N, C, H, W) float in [0, 1] -> one base64 (standard alphabet) PNG string per image."""
+    return [base64.b64encode(png).decode("ascii") for png in encode_pngs(images)]
+
+
+def grid_shape(count: int) -> tuple[int, int]:
+    """(rows, columns) of a near-square grid holding `count` tiles."""
+    columns = math.ceil(math.sqrt(count))
+    return math.ceil(count / columns), columns
+
+
+def encode_png_grid(images: np.ndarray, padding: int = GRID_PADDING_PIXELS) -> bytes:
+    """(N, C, H, W) float in [0, 1] -> one PNG: near-square grid, `padding` black pixels around tiles."""
+    tiles = to_uint8(images)
+    count, height, width, channels = tiles.shape
+    rows, columns = grid_shape(count)
+    grid = np.zeros(
+        (rows * (height + padding) + padding, columns * (width + padding) + padding, channels), dtype=np.uint8
+    )
+    for index, tile in enumerate(tiles):
+        row, column = divmod(index, columns)
+        top = padding + row * (height + padding)
+        left = padding + column * (width + padding)
+        grid[top : top + height, left : left + width] = tile
+    return _png_bytes(grid)

@@ -1,0 +1,133 @@
+"""Reading requests: uploaded images (multipart or raw body), and interpolation endpoints."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+from typing import Any
+
+import numpy as np
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+from starlette.datastructures import FormData, UploadFile
+from starlette.exceptions import HTTPException
+
+from app.config import Settings
+from app.errors import InvalidRequest, LimitExceeded, UnsupportedMediaType
+from app.images import decode_images
+from app.schemas import InterpolateOptions, InterpolateRequest
+
+# Smaller uploads decode on the event loop (a thread hop would cost more); larger ones in a worker thread.
+INLINE_DECODE_MAX_BYTES = 64 * 1024
+IMAGE_FIELDS = ("file", "files")
+
+
+def media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
+async def read_form(request: Request, max_files: int) -> FormData:
+    """Parse a multipart body; Starlette's 400s (too many files, malformed body) become 422 problems."""
+    try:
+        return await request.form(max_files=max_files, max_fields=16)
+    except HTTPException as error:
+        if "Too many files" in str(error.detail):
+            raise LimitExceeded("the number of uploaded files", f"more than {max_files}", max_files) from None
+        raise InvalidRequest(f"the multipart body cannot be parsed: {error.detail}") from None
+
+
+async def upload_bytes(form: FormData, field: str) -> list[bytes]:
+    blobs = []
+    for value in form.getlist(field):
+        if not isinstance(value, UploadFile):
+            raise InvalidRequest(f"multipart field {field!r} must be a file upload, not a text field")
+        blobs.append(await value.read())
+    return blobs
+
+
+async def read_image_blobs(request: Request, settings: Settings) -> list[bytes]:
+    """Uploaded image files: multipart fields `file` / `files`, or a raw body with an image Content-Type."""
+    kind = media_type(request)
+    limit = settings.max_items_per_request
+    if kind == "multipart/form-data":
+        form = await read_form(request, limit)
+        blobs = [blob for field in IMAGE_FIELDS for blob in await upload_bytes(form, field)]
+        if not blobs:
+            raise InvalidRequest(
+                "the multipart body has no image; send it as field 'file' (several as 'files')"
+            )
+        if len(blobs) > limit:
+            raise LimitExceeded("the number of images", len(blobs), limit)
+        return blobs
+    if kind.startswith("image/"):
+        body = await request.body()
+        if not body:
+            raise InvalidRequest("the request body is empty; send the image bytes")
+        return [body]
+    raise UnsupportedMediaType(
+        f"Content-Type {kind or '(none)'!r} is not accepted; send an image body (image/png, image/jpeg, "
+        "image/webp, ...) or multipart/form-data with field 'file' (several as 'files')"
+    )
+
+
+async def images_to_array(blobs: list[bytes], shape: tuple[int, int, int], settings: Settings) -> np.ndarray:
+    """Decode uploads to (N, C, H, W) float32 in [0, 1]; big uploads off the event loop."""
+    if sum(len(blob) for blob in blobs) <= INLINE_DECODE_MAX_BYTES:
+        return decode_images(blobs, shape, settings.max_image_pixels)
+    return await asyncio.to_thread(decode_images, blobs, shape, settings.max_image_pixels)
+
+
+def _base64_image(value: str, field: str) -> bytes:
+    if value.startswith("data:"):
+        value = value.partition(",")[2]
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidRequest(
+            f"{field} is a string but not base64 image data; send a latent vector (list of numbers) "
+            "or a base64-encoded image"
+        ) from None
+
+
+Endpoint = list[float] | bytes
+
+
+async def read_interpolation(request: Request) -> tuple[Endpoint, Endpoint, InterpolateOptions]:
+    """start, end (latent vector or image bytes) and options, from a JSON body or a multipart form."""
+    kind = media_type(request)
+    if kind == "multipart/form-data":
+        form = await read_form(request, 2)
+        endpoints: list[Endpoint] = []
+        for field in ("start", "end"):
+            blobs = await upload_bytes(form, field)
+            if len(blobs) != 1:
+                raise InvalidRequest(f"the multipart body needs exactly one file in field {field!r}")
+            endpoints.append(blobs[0])
+        fields: dict[str, Any] = {key: form[key] for key in ("steps", "method") if key in form}
+        options = _validate(InterpolateOptions, fields)
+        return endpoints[0], endpoints[1], options
+    if kind in ("application/json", ""):
+        try:
+            payload = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise InvalidRequest(f"the body is not valid JSON ({error})") from None
+        parsed = _validate(InterpolateRequest, payload)
+        start = _base64_image(parsed.start, "start") if isinstance(parsed.start, str) else parsed.start
+        end = _base64_image(parsed.end, "end") if isinstance(parsed.end, str) else parsed.end
+        return start, end, InterpolateOptions(steps=parsed.steps, method=parsed.method)
+    raise UnsupportedMediaType(
+        f"Content-Type {kind!r} is not accepted; send application/json or multipart/form-data "
+        "with files 'start' and 'end'"
+    )
+
+
+def _validate(model: type[InterpolateOptions], payload: Any) -> Any:
+    try:
+        return model.model_validate(payload)
+    except ValidationError as error:
+        raise RequestValidationError(
+            [{**item, "loc": ("body", *item["loc"])} for item in error.errors(include_url=False)]
+        ) from None

@@ -1,0 +1,76 @@
+"""Latent-space arithmetic the routes need: validation, seeded sampling and interpolation. Pure numpy."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+
+from app.errors import InvalidLatents, NonFiniteValues
+
+InterpolationMethod = Literal["linear", "slerp"]
+# Below this |sin(angle)| two latent vectors count as (anti)parallel and slerp falls back to linear.
+PARALLEL_SINE_TOLERANCE = 1e-6
+SEED_LIMIT = 2**63
+
+
+def pick_seed() -> int:
+    """A fresh seed for callers who gave none; returned to them so the call can be repeated."""
+    return secrets.randbelow(2**32)
+
+
+def latents_array(rows: Sequence[Sequence[float]], latent_dim: int, what: str = "latents") -> np.ndarray:
+    """Validate latent vectors and return them as (N, L) float32; raises InvalidLatents or NonFiniteValues."""
+    for index, row in enumerate(rows):
+        if len(row) != latent_dim:
+            raise InvalidLatents(
+                f"{what}[{index}] has {len(row)} values; this model's latent vectors have {latent_dim}"
+            )
+    with np.errstate(over="ignore"):  # values beyond float32 become inf and are rejected just below
+        latents = np.asarray(rows, dtype=np.float32).reshape(len(rows), latent_dim)
+    if not np.isfinite(latents).all():
+        raise NonFiniteValues(
+            f"{what} contain NaN, infinity or values beyond the float32 range; send finite numbers"
+        )
+    return latents
+
+
+def sample_latents(count: int, latent_dim: int, seed: int, temperature: float) -> np.ndarray:
+    """(count, L) float32 from N(0, T^2 I): default_rng(seed).standard_normal((count, L)) * T."""
+    noise = np.random.default_rng(seed).standard_normal((count, latent_dim))
+    return (noise * temperature).astype(np.float32)
+
+
+def reparameterize(mean: np.ndarray, log_var: np.ndarray, seed: int) -> np.ndarray:
+    """z = mean + std * eps with eps = default_rng(seed).standard_normal(mean.shape) cast to float32."""
+    eps = np.random.default_rng(seed).standard_normal(mean.shape).astype(np.float32)
+    return mean + np.exp(np.float32(0.5) * log_var) * eps
+
+
+def interpolate(start: np.ndarray, end: np.ndarray, steps: int, method: InterpolationMethod) -> np.ndarray:
+    """`steps` frames (steps, L) float32 from start to end, both included exactly.
+
+    slerp follows the great circle between the directions (scaling the norms along), and falls back to linear
+    when the vectors are (anti)parallel or zero, where the great circle is undefined.
+    """
+    a = start.astype(np.float64)
+    b = end.astype(np.float64)
+    t = np.linspace(0.0, 1.0, steps)[:, np.newaxis]
+    if method == "slerp":
+        norms = np.linalg.norm(a) * np.linalg.norm(b)
+        if norms > 0:
+            angle = np.arccos(np.clip(np.dot(a, b) / norms, -1.0, 1.0))
+            sine = np.sin(angle)
+            if sine > PARALLEL_SINE_TOLERANCE:
+                frames = (np.sin((1 - t) * angle) * a + np.sin(t * angle) * b) / sine
+                return _pin_endpoints(frames.astype(np.float32), start, end)
+    return _pin_endpoints(((1 - t) * a + t * b).astype(np.float32), start, end)
+
+
+def _pin_endpoints(frames: np.ndarray, start: np.ndarray, end: np.ndarray) -> np.ndarray:
+    # The formulas give the endpoints up to rounding; callers rely on getting exactly what they sent.
+    frames[0] = start
+    frames[-1] = end
+    return frames

@@ -1,0 +1,44 @@
+"""Writing image results: base64 PNGs or float arrays in JSON, or one PNG grid for `Accept: image/png`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from fastapi import Request
+from fastapi.responses import JSONResponse
+from starlette.responses import Response
+
+from app.images import encode_base64_pngs, encode_png_grid
+from app.schemas import ImageFormat
+
+
+def wants_png(accept: str) -> bool:
+    """True when the client prefers image/png (or image/*) over JSON in its Accept header."""
+    png_quality = json_quality = 0.0
+    for entry in accept.split(","):
+        media_type, _, parameters = entry.partition(";")
+        media_type = media_type.strip().lower()
+        quality = 1.0
+        for parameter in parameters.split(";"):
+            name, _, value = parameter.partition("=")
+            if name.strip() == "q":
+                try:
+                    quality = float(value)
+                except ValueError:
+                    quality = 0.0
+        if media_type in ("image/png", "image/*"):
+            png_quality = max(png_quality, quality)
+        elif media_type in ("application/json", "application/*"):
+            json_quality = max(json_quality, quality)
+    return png_quality > 0 and png_quality > json_quality
+
+
+def image_response(request: Request, images: np.ndarray, image_format: ImageFormat, **extra: Any) -> Response:
+    """(N, C, H, W) float32 in [0, 1] -> a PNG grid, or JSON `images` as base64 PNGs or nested lists."""
+    if wants_png(request.headers.get("accept", "")):
+        return Response(encode_png_grid(images), media_type="image/png")
+    encoded: list[Any] = encode_base64_pngs(images) if image_format == "png" else images.tolist()
+    body = {"format": image_format, "shape": list(images.shape[1:]), "images": encoded}
+    body.update((key, value) for key, value in extra.items() if value is not None)
+    return JSONResponse(body)

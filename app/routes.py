@@ -1,0 +1,302 @@
+"""HTTP endpoints. Each one parses, calls the engine, formats; limits come from the app's Settings."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.responses import Response
+
+from app.config import Settings
+from app.engine import Engine
+from app.errors import LimitExceeded, ModelNotReady, NonFiniteValues
+from app.images import RESAMPLING_FILTER
+from app.inputs import images_to_array, read_image_blobs, read_interpolation
+from app.latents import SEED_LIMIT, interpolate, latents_array, pick_seed, reparameterize, sample_latents
+from app.metrics import Metrics
+from app.responses import image_response
+from app.schemas import (
+    DecodeRequest,
+    EncodeResponse,
+    ImageFormat,
+    ImagesResponse,
+    InterpolateRequest,
+    Problem,
+)
+
+router = APIRouter()
+
+_IMAGE_UPLOAD_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "file": {"type": "string", "format": "binary", "description": "One image."},
+                        "files": {
+                            "type": "array",
+                            "items": {"type": "string", "format": "binary"},
+                            "description": "Several images, answered in upload order.",
+                        },
+                    },
+                }
+            },
+            "image/png": {"schema": {"type": "string", "format": "binary"}},
+            "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+            "image/webp": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+_INTERPOLATE_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": InterpolateRequest.model_json_schema()},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["start", "end"],
+                    "properties": {
+                        "start": {"type": "string", "format": "binary"},
+                        "end": {"type": "string", "format": "binary"},
+                        "steps": {"type": "integer", "default": 8, "minimum": 2},
+                        "method": {"type": "string", "enum": ["linear", "slerp"], "default": "linear"},
+                    },
+                }
+            },
+        },
+    }
+}
+_PROBLEMS: dict[int | str, dict[str, Any]] = {
+    status: {"model": Problem, "content": {"application/problem+json": {}}, "description": description}
+    for status, description in (
+        (413, "Body or image too large."),
+        (415, "Not an image, or an unsupported Content-Type."),
+        (422, "Corrupt image, wrong latent length, non-finite numbers, or a limit exceeded."),
+        (503, "Queue full (see Retry-After) or model not ready."),
+        (504, "Deadline exceeded."),
+    )
+}
+_IMAGE_RESPONSES: dict[int | str, dict[str, Any]] = {
+    **_PROBLEMS,
+    200: {
+        "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
+        "description": "JSON by default; with `Accept: image/png`, one PNG grid of all images.",
+    },
+}
+_CONVERSION_NOTE = (
+    "Images are converted to the model's channels and size: alpha is composited onto black, colour "
+    "becomes grayscale (Pillow 'L') or RGB, and the image is stretched to the model's H x W with Pillow's "
+    "antialiased "
+    f"{RESAMPLING_FILTER.name.lower()} filter."
+)
+
+FormatQuery = Annotated[
+    ImageFormat,
+    Query(alias="format", description="png: base64 PNG per image; array: (C, H, W) floats in [0, 1]."),
+]
+SeedQuery = Annotated[int | None, Query(ge=0, lt=SEED_LIMIT, description="Seed for reproducible sampling.")]
+
+
+def get_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def get_engine(request: Request) -> Engine:
+    engine: Engine | None = request.app.state.engine
+    if engine is None or not engine.ready:
+        raise ModelNotReady("the model is still loading; poll /readyz")
+    return engine
+
+
+EngineDep = Annotated[Engine, Depends(get_engine)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+
+async def _encode_uploads(
+    request: Request, engine: Engine, settings: Settings
+) -> tuple[np.ndarray, np.ndarray]:
+    blobs = await read_image_blobs(request, settings)
+    images = await images_to_array(blobs, engine.manifest.image.shape, settings)
+    return await engine.encode(images)
+
+
+@router.post(
+    "/encode",
+    response_model=EncodeResponse,
+    responses=_PROBLEMS,
+    openapi_extra=_IMAGE_UPLOAD_BODY,
+    summary="Encode images to their latent distributions",
+    description="Upload an image (multipart field `file`, several as `files`, or a raw image body). "
+    + _CONVERSION_NOTE
+    + " With `sample=true`, z = mean + std * eps where eps = numpy.random.default_rng(seed).standard_normal"
+    "((N, latent_dim)) cast to float32; without a seed one is picked and returned.",
+)
+async def encode(
+    request: Request,
+    engine: EngineDep,
+    settings: SettingsDep,
+    sample: Annotated[bool, Query(description="Also draw z from each posterior.")] = False,
+    seed: SeedQuery = None,
+) -> Response:
+    mean, log_var = await _encode_uploads(request, engine, settings)
+    std = np.exp(np.float32(0.5) * log_var)
+    items: list[dict[str, Any]] = [
+        {"mean": m, "log_var": v, "std": s}
+        for m, v, s in zip(mean.tolist(), log_var.tolist(), std.tolist(), strict=True)
+    ]
+    if sample:
+        seed = pick_seed() if seed is None else seed
+        for item, z in zip(items, reparameterize(mean, log_var, seed).tolist(), strict=True):
+            item["z"] = z
+    return JSONResponse(
+        {"latent_dim": engine.manifest.latent_dim, "seed": seed if sample else None, "items": items}
+    )
+
+
+@router.post(
+    "/decode",
+    response_model=ImagesResponse,
+    responses=_IMAGE_RESPONSES,
+    summary="Decode latent vectors to images",
+)
+async def decode(
+    request: Request,
+    body: DecodeRequest,
+    engine: EngineDep,
+    settings: SettingsDep,
+    image_format: FormatQuery = "png",
+) -> Response:
+    if len(body.latents) > settings.max_items_per_request:
+        raise LimitExceeded("the number of latent vectors", len(body.latents), settings.max_items_per_request)
+    latents = latents_array(body.latents, engine.manifest.latent_dim)
+    return image_response(request, await engine.decode(latents), image_format)
+
+
+@router.get(
+    "/sample",
+    response_model=ImagesResponse,
+    responses=_IMAGE_RESPONSES,
+    summary="Generate images from the prior",
+    description="Decodes n latents drawn from N(0, temperature^2 I) as numpy.random.default_rng(seed)"
+    ".standard_normal((n, latent_dim)) * temperature; the same seed gives the same images.",
+)
+async def sample(
+    request: Request,
+    engine: EngineDep,
+    settings: SettingsDep,
+    n: Annotated[int, Query(ge=1, description="Number of images.")] = 16,
+    seed: SeedQuery = None,
+    temperature: Annotated[float, Query(ge=0, description="Scale of the prior's standard deviation.")] = 1.0,
+    image_format: FormatQuery = "png",
+) -> Response:
+    if n > settings.max_sample_n:
+        raise LimitExceeded("n", n, settings.max_sample_n)
+    if not np.isfinite(temperature):
+        raise NonFiniteValues(f"temperature is {temperature}; send a finite number")
+    if temperature > settings.max_temperature:
+        raise LimitExceeded("temperature", temperature, settings.max_temperature)
+    seed = pick_seed() if seed is None else seed
+    images = await engine.decode(sample_latents(n, engine.manifest.latent_dim, seed, temperature))
+    return image_response(request, images, image_format, seed=seed, temperature=temperature)
+
+
+@router.post(
+    "/reconstruct",
+    response_model=ImagesResponse,
+    responses=_IMAGE_RESPONSES,
+    openapi_extra=_IMAGE_UPLOAD_BODY,
+    summary="Encode and decode images",
+    description="Takes the same uploads as /encode and decodes each image's mean, or with `sample=true` a z "
+    "sampled as in /encode. " + _CONVERSION_NOTE,
+)
+async def reconstruct(
+    request: Request,
+    engine: EngineDep,
+    settings: SettingsDep,
+    sample: Annotated[bool, Query(description="Decode a sampled z instead of the mean.")] = False,
+    seed: SeedQuery = None,
+    image_format: FormatQuery = "png",
+) -> Response:
+    mean, log_var = await _encode_uploads(request, engine, settings)
+    if sample:
+        seed = pick_seed() if seed is None else seed
+        mean = reparameterize(mean, log_var, seed)
+    return image_response(request, await engine.decode(mean), image_format, seed=seed if sample else None)
+
+
+@router.post(
+    "/interpolate",
+    response_model=ImagesResponse,
+    responses=_IMAGE_RESPONSES,
+    openapi_extra=_INTERPOLATE_BODY,
+    summary="Interpolate between two latent vectors or images",
+    description="`start` and `end` are latent vectors or images (base64 in JSON, or multipart files); images "
+    "are encoded to their mean first. Returns `steps` frames, both endpoints included, and their latents. "
+    + _CONVERSION_NOTE,
+)
+async def interpolate_route(
+    request: Request, engine: EngineDep, settings: SettingsDep, image_format: FormatQuery = "png"
+) -> Response:
+    start, end, options = await read_interpolation(request)
+    if options.steps > settings.max_interpolation_steps:
+        raise LimitExceeded("steps", options.steps, settings.max_interpolation_steps)
+    latent_dim = engine.manifest.latent_dim
+    endpoints: dict[str, np.ndarray] = {}
+    uploads = {name: value for name, value in (("start", start), ("end", end)) if isinstance(value, bytes)}
+    if uploads:
+        images = await images_to_array(list(uploads.values()), engine.manifest.image.shape, settings)
+        mean, _ = await engine.encode(images)
+        endpoints.update(zip(uploads, mean, strict=True))
+    for name, value in (("start", start), ("end", end)):
+        if not isinstance(value, bytes):
+            endpoints[name] = latents_array([value], latent_dim, name)[0]
+    frames = interpolate(endpoints["start"], endpoints["end"], options.steps, options.method)
+    return image_response(
+        request, await engine.decode(frames), image_format, latents=frames.tolist(), method=options.method
+    )
+
+
+@router.get("/healthz", summary="Liveness: the process answers")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/readyz", summary="Readiness: the model is loaded and warmed up", responses=_PROBLEMS)
+async def readyz(request: Request) -> dict[str, str]:
+    get_engine(request)
+    return {"status": "ready"}
+
+
+@router.get("/model", summary="The served model's manifest, provider, batching and limits")
+async def model_info(engine: EngineDep, settings: SettingsDep) -> dict[str, Any]:
+    return {
+        "manifest": engine.manifest.model_dump(mode="json"),
+        "provider": engine.provider,
+        "providers": engine.providers,
+        "batching": settings.model_dump(include={"max_batch_size", "max_wait_ms", "max_queue_items"}),
+        "limits": settings.model_dump(
+            include={
+                "request_timeout_seconds",
+                "max_body_bytes",
+                "max_image_pixels",
+                "max_items_per_request",
+                "max_sample_n",
+                "max_interpolation_steps",
+                "max_temperature",
+            }
+        ),
+    }
+
+
+@router.get("/metrics", summary="Prometheus metrics of this process", response_class=Response)
+async def metrics(request: Request) -> Response:
+    registry = request.app.state.metrics
+    assert isinstance(registry, Metrics)
+    return Response(generate_latest(registry.registry), media_type=CONTENT_TYPE_LATEST)
