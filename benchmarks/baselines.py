@@ -32,14 +32,6 @@ from pydantic import BaseModel
 
 from model.manifest import load_model_dir
 
-# Mirrors the service's own uvicorn.run call (app/cli.py), so only the application differs.
-UVICORN_OPTIONS: dict[str, object] = {
-    "loop": "auto",
-    "http": "auto",
-    "log_level": "warning",
-    "access_log": False,
-}
-
 
 def create_http_ceiling_app(encode_response: bytes) -> FastAPI:
     """/encode reads the uploaded file and returns `encode_response` as is; /readyz for start-up timing."""
@@ -205,6 +197,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="Run one baseline server on 127.0.0.1.")
     parser.add_argument("kind", choices=["http-ceiling", "naive"])
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument(
+        "--log-level", default="info", help="the service's VAE_LOG_LEVEL, so logging costs the same"
+    )
     parser.add_argument("--model-dir", type=Path, help="naive: the model directory to serve")
     parser.add_argument(
         "--encode-response", type=Path, help="http-ceiling: file with the /encode JSON to return"
@@ -214,7 +209,8 @@ def main() -> None:
         app = create_http_ceiling_app(args.encode_response.read_bytes())
     else:
         app = create_naive_app(args.model_dir)
-    uvicorn.run(app, host="127.0.0.1", port=args.port, **UVICORN_OPTIONS)  # type: ignore[arg-type]
+    # The service's own call (app/cli.py): uvicorn's defaults (uvloop, httptools, access log), one worker.
+    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level=args.log_level, workers=1)
 
 
 if __name__ == "__main__":

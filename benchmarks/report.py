@@ -128,7 +128,7 @@ def evaluate_targets(
                 "x",
             )
         )
-    for scenario in sorted({key[0] for key in cells}):
+    for scenario in dict.fromkeys(key[0] for key in cells):
         if cell(scenario, BATCHING_OFF):
             targets.append(
                 _check(

@@ -66,7 +66,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--inference-seconds",
         type=float,
-        default=3.0,
+        default=2.0,
         help="seconds per repetition of the in-process ceiling",
     )
     return parser.parse_args(argv)
@@ -102,12 +102,12 @@ def service_env(model_dir: Path, port: int, **overrides: str) -> dict[str, str]:
     return {"VAE_MODEL_DIR": str(model_dir), "VAE_HOST": "127.0.0.1", "VAE_PORT": str(port), **overrides}
 
 
-def service_batching_settings() -> tuple[int, float]:
-    """(max_batch_size, max_wait_ms) the service runs with, from its own Settings (honours VAE_*)."""
+def service_settings() -> tuple[int, float, str]:
+    """(max_batch_size, max_wait_ms, log_level) of the service, from its own Settings (honours VAE_*)."""
     from app.config import Settings
 
     settings = Settings()
-    return int(settings.max_batch_size), float(settings.max_wait_ms)
+    return int(settings.max_batch_size), float(settings.max_wait_ms), str(settings.log_level)
 
 
 def preflight(server: ServerProcess, scenarios: list[Scenario]) -> dict[str, bytes]:
@@ -187,7 +187,7 @@ def model_shape(model_dir: Path) -> dict[str, int]:
 
 
 def start_servers(
-    args: argparse.Namespace, model_dir: Path, stack: contextlib.ExitStack, workdir: Path
+    args: argparse.Namespace, model_dir: Path, log_level: str, stack: contextlib.ExitStack, workdir: Path
 ) -> dict[str, ServerProcess]:
     """The service, the service with batching off, the naive service and (for /encode) the HTTP ceiling."""
     scenarios = [build_scenarios(**model_shape(model_dir))[name] for name in args.scenarios]
@@ -211,7 +211,8 @@ def start_servers(
     preflight(start(ServerProcess(BATCHING_OFF, service_command(), port, batching_off_env)), scenarios)
     port = free_port()
     naive_command = python_command(
-        *("-m", "benchmarks.baselines", "naive"), *("--port", str(port), "--model-dir", str(model_dir))
+        *("-m", "benchmarks.baselines", "naive", "--log-level", log_level),
+        *("--port", str(port), "--model-dir", str(model_dir)),
     )
     preflight(start(ServerProcess(NAIVE, naive_command, port)), scenarios)
     if "encode" in args.scenarios:
@@ -219,7 +220,7 @@ def start_servers(
         encode_response.write_bytes(bodies["encode"])
         port = free_port()
         ceiling_command = python_command(
-            *("-m", "benchmarks.baselines", "http-ceiling"),
+            *("-m", "benchmarks.baselines", "http-ceiling", "--log-level", log_level),
             *("--port", str(port), "--encode-response", str(encode_response)),
         )
         preflight(
@@ -233,7 +234,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     load = make_load_generator(args.load_tool)
     machine = machine_info(load.name)
-    max_batch_size, max_wait_ms = service_batching_settings()
+    max_batch_size, max_wait_ms, log_level = service_settings()
     started_at = datetime.now(timezone.utc)
     with (
         model_directory(args.model_dir) as model_dir,
@@ -241,7 +242,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         tempfile.TemporaryDirectory(prefix="vae-bench-") as workdir,
     ):
         manifest = read_manifest(model_dir)
-        servers = start_servers(args, model_dir, stack, Path(workdir))
+        servers = start_servers(args, model_dir, log_level, stack, Path(workdir))
         cells = measure(args, load, servers, model_dir, max_batch_size)
     ready = {name: server.ready_seconds for name, server in servers.items()}
     targets = evaluate_targets(cells, args.concurrency, max_wait_ms, ready[SERVICE])
@@ -273,6 +274,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "scenarios": args.scenarios,
             "service_max_batch_size": max_batch_size,
             "service_max_wait_ms": max_wait_ms,
+            "service_log_level": log_level,
         },
         "servers": {
             name: {"command": s.command, "ready_seconds": s.ready_seconds} for name, s in servers.items()
