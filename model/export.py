@@ -10,6 +10,7 @@ import copy
 import os
 import shutil
 import tempfile
+import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
@@ -73,18 +74,21 @@ def _export_graph(
     module: nn.Module, example: Tensor, path: Path, input_name: str, output_names: list[str], opset: int
 ) -> None:
     """Export module with a symbolic batch axis on its input (and so its outputs), weights inline."""
-    torch.onnx.export(
-        module.eval(),
-        (example,),
-        str(path),
-        input_names=[input_name],
-        output_names=output_names,
-        opset_version=opset,
-        dynamo=True,
-        dynamic_shapes={input_name: {0: torch.export.Dim(_BATCH_DIM_NAME)}},
-        external_data=False,
-        verbose=False,
-    )
+    with warnings.catch_warnings():
+        # torch.export's own pytree internals warn about a deprecation that is not ours to fix.
+        warnings.filterwarnings("ignore", r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
+        torch.onnx.export(
+            module.eval(),
+            (example,),
+            str(path),
+            input_names=[input_name],
+            output_names=output_names,
+            opset_version=opset,
+            dynamo=True,
+            dynamic_shapes={input_name: {0: torch.export.Dim(_BATCH_DIM_NAME)}},
+            external_data=False,
+            verbose=False,
+        )
     model = onnx.load(str(path))
     try:
         onnx.checker.check_model(model, full_check=True)
