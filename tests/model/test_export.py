@@ -179,3 +179,18 @@ def test_same_seed_exports_the_same_bytes(rgb_model: ExportedModel, tmp_path: Pa
     assert manifest.files == rgb_model.manifest.files
     for name in ("encoder.onnx", "decoder.onnx"):
         assert (tmp_path / name).read_bytes() == (rgb_model.model_dir / name).read_bytes()
+
+
+def test_opset_below_17_is_refused(rgb_model: ExportedModel, tmp_path: Path) -> None:
+    with pytest.raises(ExportError, match="opset must be >= 17, got 16"):
+        model.export.export_model(
+            rgb_model.vae,
+            tmp_path,
+            name="old",
+            version="1",
+            likelihood="bernoulli",
+            training_data=TrainingData(name="none", train_size=0, validation_size=0, test_size=0),
+            test_metrics={},
+            opset=16,
+        )
+    assert list(tmp_path.iterdir()) == []
