@@ -14,7 +14,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Literal[1] = 1
 MANIFEST_FILENAME = "manifest.json"
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default"
 
