@@ -47,7 +47,9 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.state.engine = None
     install_error_handlers(app)
     app.include_router(router)
-    route_paths = frozenset(getattr(route, "path", "") for route in app.routes)
+    route_paths = frozenset(
+        route.path for route in (*app.routes, *router.routes) if isinstance(getattr(route, "path", None), str)
+    )
     app.add_middleware(
         RequestGuardMiddleware,
         metrics=metrics,

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import io
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from PIL import Image
 
 from app.config import Settings
 from app.main import create_app
@@ -43,7 +41,7 @@ def rgb_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _export(tmp_path_factory.mktemp("rgb-model"), RGB, "rgb-test")
 
 
-def test_settings(model_dir: Path, **overrides: Any) -> Settings:
+def settings_for(model_dir: Path, **overrides: Any) -> Settings:
     """Settings for tests: CPU, one onnxruntime thread, a small batch for quick warm-up."""
     values: dict[str, Any] = {
         "model_dir": model_dir,
@@ -55,30 +53,51 @@ def test_settings(model_dir: Path, **overrides: Any) -> Settings:
     return Settings(**values)
 
 
-test_settings.__test__ = False  # type: ignore[attr-defined]  # a helper, not a test
+@pytest.fixture(scope="session")
+def make_settings() -> Callable[..., Settings]:
+    """settings_for(model_dir, **overrides), for tests that build their own app."""
+    return settings_for
 
 
 @pytest.fixture(scope="session")
 def client(mnist_model_dir: Path) -> Iterator[TestClient]:
     """One running app (lifespan entered) serving the 1x28x28 model, shared by the read-only API tests."""
-    with TestClient(create_app(test_settings(mnist_model_dir)), raise_server_exceptions=False) as test_client:
+    with TestClient(create_app(settings_for(mnist_model_dir)), raise_server_exceptions=False) as test_client:
         yield test_client
 
 
 @pytest.fixture(scope="session")
 def rgb_client(rgb_model_dir: Path) -> Iterator[TestClient]:
-    with TestClient(create_app(test_settings(rgb_model_dir)), raise_server_exceptions=False) as test_client:
+    with TestClient(create_app(settings_for(rgb_model_dir)), raise_server_exceptions=False) as test_client:
         yield test_client
 
 
-def png_bytes(pixels: np.ndarray, mode: str | None = None) -> bytes:
-    """uint8 (H, W) or (H, W, C) -> PNG bytes."""
-    buffer = io.BytesIO()
-    image = Image.fromarray(pixels) if mode is None else Image.fromarray(pixels).convert(mode)
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
+class DirectModel:
+    """The model run straight through onnxruntime, one call per batch: the reference the API must match."""
+
+    def __init__(self, model_dir: Path) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        cpu = ["CPUExecutionProvider"]
+        self.encoder = ort.InferenceSession(str(model_dir / "encoder.onnx"), options, providers=cpu)
+        self.decoder = ort.InferenceSession(str(model_dir / "decoder.onnx"), options, providers=cpu)
+
+    def encode(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        mean, log_var = self.encoder.run(["mean", "log_var"], {"images": images})
+        return mean, log_var
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        (images,) = self.decoder.run(["images"], {"latents": latents.astype(np.float32)})
+        return images
 
 
-def random_png(height: int = 28, width: int = 28, channels: int = 1, seed: int = 0) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 256, size=(height, width, channels), dtype=np.uint8)
-    return png_bytes(pixels[:, :, 0] if channels == 1 else pixels)
+@pytest.fixture(scope="session")
+def mnist_direct(mnist_model_dir: Path) -> DirectModel:
+    return DirectModel(mnist_model_dir)
+
+
+@pytest.fixture(scope="session")
+def rgb_direct(rgb_model_dir: Path) -> DirectModel:
+    return DirectModel(rgb_model_dir)
