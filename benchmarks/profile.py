@@ -28,7 +28,12 @@ from benchmarks.servers import ServerProcess, free_port
 _PYTHON_FRAME = re.compile(r"^(?P<function>.+) \((?P<file>[^()]+\.py):\d+\)$")
 _THREAD_FRAME = re.compile(r"^thread \(\d+\): (?P<name>.+)$")
 # Innermost frames of a thread that is waiting for work rather than doing it.
-_IDLE_PYTHON_FRAMES = {"Condition.wait (threading.py)", "Event.wait (threading.py)", "Queue.get (queue.py)"}
+_IDLE_PYTHON_FRAMES = {
+    "Condition.wait (threading.py)",
+    "Event.wait (threading.py)",
+    "Queue.get (queue.py)",
+    "_worker (futures/thread.py)",  # a ThreadPoolExecutor thread blocked in its work queue's get()
+}
 _IDLE_NATIVE_FRAMES = (
     "epoll_",  # epoll_wait, epoll_pwait
     "pthread_cond_wait",
