@@ -41,7 +41,10 @@ from benchmarks.scenarios import Scenario, build_scenarios
 from benchmarks.servers import RssSampler, ServerProcess, free_port, python_command
 from model.manifest import DEFAULT_MODEL_DIR, MANIFEST_FILENAME, read_manifest
 
-DEFAULT_JSON_PATH = Path(__file__).resolve().parent / "results" / "latest.json"
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+DEFAULT_JSON_PATH = RESULTS_DIR / "latest.json"
+# Each server's output (uvicorn's access log included), overwritten by the next run.
+LOG_DIR = RESULTS_DIR / "logs"
 SCENARIO_NAMES = list(build_scenarios())
 
 
@@ -63,6 +66,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--model-dir", type=Path, help="model to serve (default: model/default, else an untrained stand-in)"
     )
     parser.add_argument("--load-tool", choices=["auto", "wrk", "httpx"], default="auto")
+    parser.add_argument("--log-dir", type=Path, default=LOG_DIR, help=f"server logs (default {LOG_DIR})")
     parser.add_argument(
         "--inference-seconds",
         type=float,
@@ -204,17 +208,22 @@ def start_servers(
         return server
 
     port = free_port()
-    service = start(ServerProcess(SERVICE, service_command(), port, service_env(model_dir, port)))
+    service = start(
+        ServerProcess(SERVICE, service_command(), port, service_env(model_dir, port), log_dir=args.log_dir)
+    )
     bodies = preflight(service, scenarios)
     port = free_port()
     batching_off_env = service_env(model_dir, port, VAE_MAX_BATCH_SIZE="1")
-    preflight(start(ServerProcess(BATCHING_OFF, service_command(), port, batching_off_env)), scenarios)
+    preflight(
+        start(ServerProcess(BATCHING_OFF, service_command(), port, batching_off_env, log_dir=args.log_dir)),
+        scenarios,
+    )
     port = free_port()
     naive_command = python_command(
         *("-m", "benchmarks.baselines", "naive", "--log-level", log_level),
         *("--port", str(port), "--model-dir", str(model_dir)),
     )
-    preflight(start(ServerProcess(NAIVE, naive_command, port)), scenarios)
+    preflight(start(ServerProcess(NAIVE, naive_command, port, log_dir=args.log_dir)), scenarios)
     if "encode" in args.scenarios:
         encode_response = workdir / "encode-response.json"
         encode_response.write_bytes(bodies["encode"])
@@ -224,7 +233,7 @@ def start_servers(
             *("--port", str(port), "--encode-response", str(encode_response)),
         )
         preflight(
-            start(ServerProcess(HTTP_CEILING, ceiling_command, port)),
+            start(ServerProcess(HTTP_CEILING, ceiling_command, port, log_dir=args.log_dir)),
             [s for s in scenarios if s.name == "encode"],
         )
     return servers

@@ -90,6 +90,7 @@ class ServerProcess:
         port: int,
         env: dict[str, str] | None = None,
         ready_path: str = "/readyz",
+        log_dir: Path | None = None,
     ) -> None:
         self.name = name
         self.command = list(command)
@@ -98,7 +99,10 @@ class ServerProcess:
         self.env = {**os.environ, **(env or {})}
         self.ready_path = ready_path
         self.ready_seconds: float | None = None
-        self._log = tempfile.NamedTemporaryFile(prefix=f"vae-bench-{name}-", suffix=".log", delete=False)  # noqa: SIM115
+        # stdout and stderr (uvicorn's access log included) go to log_dir/<name>.log; no log_dir: a temp dir.
+        log_dir = log_dir if log_dir is not None else Path(tempfile.mkdtemp(prefix="vae-bench-logs-"))
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self._log = (log_dir / f"{name}.log").open("wb")
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -134,14 +138,14 @@ class ServerProcess:
         )
 
     def stop(self) -> None:
-        if self._process is None or self._process.poll() is not None:
-            return
-        self._process.send_signal(signal.SIGTERM)
-        try:
-            self._process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
-            self._process.wait()
+        if self._process is not None and self._process.poll() is None:
+            self._process.send_signal(signal.SIGTERM)
+            try:
+                self._process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+        self._log.close()
 
     def __enter__(self) -> ServerProcess:
         return self

@@ -90,7 +90,8 @@ def test_load_generators_send_a_multipart_upload_fastapi_accepts(load: LoadGener
 def test_suite_runs_every_scenario_and_writes_json(model_dir: Path, tmp_path: Path) -> None:
     json_path = tmp_path / "results.json"
     tiny = ["--duration", "1", "--repetitions", "1", "--concurrency", "4", "--warmup", "0"]
-    run.main([*tiny, "--inference-seconds", "0.2", "--model-dir", str(model_dir), "--json", str(json_path)])
+    paths = ["--model-dir", str(model_dir), "--json", str(json_path), "--log-dir", str(tmp_path / "logs")]
+    run.main([*tiny, "--inference-seconds", "0.2", *paths])
 
     report = json.loads(json_path.read_text())
     measured = {(cell["scenario"], cell["server"], cell["concurrency"]) for cell in report["results"]}
