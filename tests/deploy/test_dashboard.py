@@ -269,7 +269,7 @@ def test_every_dashboard_query_has_data(deploy: Any, processes: Any, tmp_path: P
     processes.wait_until_answering(prometheus, f"{prometheus_url}/-/ready", timeout_seconds=30)
 
     with urllib.request.urlopen(f"{base_url}/model", timeout=5) as response:
-        latent_dim = int(json.load(response)["latent_dim"])
+        latent_dim = int(json.load(response)["manifest"]["latent_dim"])
     statuses = send_traffic(base_url, latent_dim)
     assert statuses.pop("decode invalid") == 422
     assert set(statuses.values()) == {200}, statuses

@@ -21,6 +21,8 @@ from typing import Any
 
 import pytest
 
+from model.manifest import Manifest, read_manifest
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL_DIR = REPO_ROOT / "model" / "default"
 # An absolute path in a RUN command: "/wheels/*.whl", but not the "//" of a URL or a relative "a/b".
@@ -147,7 +149,6 @@ def test_image_install_serves_the_shipped_model_without_torch(
     base_url = f"http://127.0.0.1:{port}"
     processes.wait_until_answering(server, f"{base_url}/readyz", timeout_seconds=60)
 
-    shipped = json.loads((DEFAULT_MODEL_DIR / "manifest.json").read_text())
     with urllib.request.urlopen(f"{base_url}/model", timeout=5) as response:
-        served = json.load(response)
-    assert (served["name"], served["version"]) == (shipped["name"], shipped["version"])
+        served = Manifest.model_validate(json.load(response)["manifest"])
+    assert served == read_manifest(DEFAULT_MODEL_DIR)
