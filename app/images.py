@@ -25,6 +25,23 @@ GRID_PADDING_PIXELS = 2
 PNG_COMPRESS_LEVEL = 1
 
 
+_SIGNATURES = (
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"GIF8", "GIF"),
+    (b"BM", "BMP"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+)
+
+
+def _format_from_signature(data: bytes) -> str | None:
+    """The image format the first bytes announce, to tell a damaged image from something else entirely."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WebP"
+    return next((name for signature, name in _SIGNATURES if data.startswith(signature)), None)
+
+
 def read_image_header(data: bytes, max_image_pixels: int) -> Image.Image:
     """Open image bytes lazily (header only) and check the pixel count before anything is decoded."""
     try:
@@ -33,6 +50,9 @@ def read_image_header(data: bytes, max_image_pixels: int) -> Image.Image:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
+        format_name = _format_from_signature(data)
+        if format_name is not None:
+            raise CorruptImage(f"the data starts like a {format_name} image but cannot be read") from None
         raise NotAnImage(
             "the data is not an image in a format the server reads (PNG, JPEG, WebP, GIF, BMP, TIFF)"
         ) from None

@@ -1,0 +1,191 @@
+"""Batching across concurrent HTTP requests, queue limits, deadlines and disconnects, through the ASGI app."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import threading
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from fastapi import FastAPI
+from PIL import Image
+
+from app.config import Settings
+from app.engine import Engine
+from app.main import create_app
+
+
+class GatedEngine(Engine):
+    """The real engine, except that decoder runs wait for `gate` (open during warm-up)."""
+
+    gate = threading.Event()
+    running = threading.Event()
+
+    def run_decoder(self, latents: np.ndarray) -> tuple[np.ndarray]:
+        self.running.set()
+        assert self.gate.wait(timeout=10), "test gate never opened"
+        return super().run_decoder(latents)
+
+
+@asynccontextmanager
+async def serve(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            yield client
+
+
+@asynccontextmanager
+async def gated_app(
+    settings: Settings,
+) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient, type[GatedEngine]]]:
+    gated = type("Gated", (GatedEngine,), {"gate": threading.Event(), "running": threading.Event()})
+    gated.gate.set()
+    engine = gated.load(settings)
+    gated.gate.clear()
+    app = create_app(settings, engine)
+    try:
+        async with serve(app) as client:
+            yield app, client, gated
+    finally:
+        gated.gate.set()
+
+
+def sample_value(app: FastAPI, name: str, labels: dict[str, str] | None = None) -> float:
+    value = app.state.metrics.registry.get_sample_value(name, labels or {})
+    return 0.0 if value is None else float(value)
+
+
+def png(seed: int) -> bytes:
+    buffer = io.BytesIO()
+    pixels = np.random.default_rng(seed).integers(0, 256, (28, 28), dtype=np.uint8)
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+async def wait_until(condition: Callable[[], bool], timeout_seconds: float = 10) -> None:
+    """Poll the event loop until condition() holds."""
+    deadline = asyncio.get_running_loop().time() + timeout_seconds
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition never held"
+        await asyncio.sleep(0.001)
+
+
+@pytest.mark.asyncio
+async def test_concurrent_requests_share_onnxruntime_runs(
+    mnist_model_dir: Path, make_settings: Callable[..., Settings]
+) -> None:
+    app = create_app(make_settings(mnist_model_dir, max_wait_ms=200))
+    uploads = [png(seed) for seed in range(8)]
+    async with serve(app) as client:
+        alone = [
+            (await client.post("/encode", content=data, headers={"Content-Type": "image/png"})).json()
+            for data in uploads
+        ]
+        runs_before = sample_value(app, "vae_batch_size_count", {"part": "encoder"})
+        together = await asyncio.gather(
+            *(client.post("/encode", content=data, headers={"Content-Type": "image/png"}) for data in uploads)
+        )
+        runs = sample_value(app, "vae_batch_size_count", {"part": "encoder"}) - runs_before
+    assert [response.json() for response in together] == alone
+    assert runs < len(uploads)  # 8 requests, fewer runs: they were coalesced
+
+
+@pytest.mark.asyncio
+async def test_full_queue_answers_503_with_retry_after(
+    mnist_model_dir: Path, make_settings: Callable[..., Settings]
+) -> None:
+    settings = make_settings(
+        mnist_model_dir, max_batch_size=2, max_wait_ms=0, max_queue_items=2, max_sample_n=2,
+        max_items_per_request=2, max_interpolation_steps=2,
+    )  # fmt: skip
+    async with gated_app(settings) as (app, client, gated):
+        running = asyncio.ensure_future(client.get("/sample?n=2&seed=1"))
+        await asyncio.to_thread(gated.running.wait, 10)
+        queued = asyncio.ensure_future(client.get("/sample?n=2&seed=2"))
+        await wait_until(lambda: sample_value(app, "vae_queue_depth", {"part": "decoder"}) == 2)
+        rejected = await client.get("/sample?n=1")
+        gated.gate.set()
+        assert (await running).status_code == 200 and (await queued).status_code == 200
+    assert rejected.status_code == 503 and rejected.headers["retry-after"] == "1"
+    assert rejected.headers["content-type"] == "application/problem+json"
+    assert "queue" in rejected.json()["detail"]
+    assert sample_value(app, "vae_requests_rejected_total", {"reason": "queue_full"}) == 1
+
+
+@pytest.mark.asyncio
+async def test_deadline_answers_504_and_drops_queued_work(
+    mnist_model_dir: Path, make_settings: Callable[..., Settings]
+) -> None:
+    settings = make_settings(mnist_model_dir, max_batch_size=2, max_wait_ms=0, request_timeout_seconds=0.3)
+    async with gated_app(settings) as (app, client, gated):
+        running = asyncio.ensure_future(client.get("/sample?n=2&seed=1"))
+        await asyncio.to_thread(gated.running.wait, 10)
+        queued = await client.get("/sample?n=3&seed=2")
+        assert sample_value(app, "vae_queue_depth", {"part": "decoder"}) == 0  # its items left the queue
+        first = await running
+        gated.gate.set()
+        await client.get("/sample?n=1")  # the decoder works again, and only ran what had started
+        processed = sample_value(app, "vae_items_processed_total", {"part": "decoder"})
+    for response in (first, queued):
+        assert response.status_code == 504 and response.headers["content-type"] == "application/problem+json"
+        assert "0.3 s" in response.json()["detail"]
+    assert processed == 2 + 1
+    assert sample_value(app, "vae_requests_rejected_total", {"reason": "timeout"}) == 2
+    assert (
+        sample_value(app, "vae_requests_total", {"endpoint": "/sample", "method": "GET", "status": "504"})
+        == 2
+    )
+
+
+@pytest.mark.asyncio
+async def test_client_disconnect_drops_queued_work(
+    mnist_model_dir: Path, make_settings: Callable[..., Settings]
+) -> None:
+    settings = make_settings(mnist_model_dir, max_batch_size=2, max_wait_ms=0)
+    async with gated_app(settings) as (app, client, gated):
+        running = asyncio.ensure_future(client.get("/sample?n=2&seed=1"))
+        await asyncio.to_thread(gated.running.wait, 10)
+        gone = asyncio.Event()
+        sent: list[dict[str, Any]] = []
+
+        async def receive() -> dict[str, Any]:
+            await gone.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "GET",
+            "scheme": "http",
+            "path": "/sample",
+            "raw_path": b"/sample",
+            "query_string": b"n=2&seed=2",
+            "root_path": "",
+            "headers": [(b"host", b"test")],
+            "client": ("127.0.0.1", 1),
+            "server": ("test", 80),
+        }
+        abandoned = asyncio.ensure_future(app(scope, receive, send))
+        await wait_until(lambda: sample_value(app, "vae_queue_depth", {"part": "decoder"}) == 2)
+        gone.set()
+        await asyncio.wait_for(abandoned, timeout=10)
+        assert sample_value(app, "vae_queue_depth", {"part": "decoder"}) == 0
+        gated.gate.set()
+        assert (await running).status_code == 200
+    assert sent == []
+    assert sample_value(app, "vae_items_processed_total", {"part": "decoder"}) == 2
+    assert (
+        sample_value(app, "vae_requests_total", {"endpoint": "/sample", "method": "GET", "status": "499"})
+        == 1
+    )
