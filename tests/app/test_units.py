@@ -1,0 +1,106 @@
+"""Pure helpers: image conversion and PNG encoding, latent validation, sampling and interpolation."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from app.errors import ImageTooLarge, InvalidLatents, NonFiniteValues
+from app.images import decode_images, encode_png_grid, encode_pngs, grid_shape
+from app.latents import interpolate, latents_array, reparameterize, sample_latents
+from app.responses import wants_png
+
+
+def png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_png_encoding_rounds_to_uint8() -> None:
+    images = np.array([[[[0.0, 0.5, 1.0, 0.502, 0.0019]]]], dtype=np.float32)  # (1, 1, 1, 5)
+    decoded = np.asarray(Image.open(io.BytesIO(encode_pngs(images)[0])))
+    assert decoded.tolist() == [[0, 128, 255, 128, 0]]
+
+
+def test_alpha_is_composited_onto_black_for_rgb_models() -> None:
+    half_transparent_red = Image.new("RGBA", (4, 4), (255, 0, 0, 128))
+    converted = decode_images([png(half_transparent_red)], (3, 4, 4), 1000)
+    assert np.allclose(converted[0, :, 0, 0], [128 / 255, 0, 0])
+    palette = Image.new("P", (4, 4), 0)
+    palette.putpalette([255, 255, 255] * 256)
+    palette.info["transparency"] = 0
+    assert decode_images([png(palette)], (1, 4, 4), 1000).max() == 0
+
+
+def test_pixel_limit_counts_width_times_height() -> None:
+    with pytest.raises(ImageTooLarge, match="8x8 = 64 pixels; at most 63"):
+        decode_images([png(Image.new("L", (8, 8)))], (1, 4, 4), 63)
+    assert decode_images([png(Image.new("L", (8, 8)))], (1, 4, 4), 64).shape == (1, 1, 4, 4)
+
+
+@pytest.mark.parametrize(
+    ("count", "expected"), [(1, (1, 1)), (2, (1, 2)), (5, (2, 3)), (16, (4, 4)), (17, (4, 5))]
+)
+def test_grid_is_near_square(count: int, expected: tuple[int, int]) -> None:
+    assert grid_shape(count) == expected
+
+
+def test_grid_of_one_rgb_image_is_padded() -> None:
+    grid = Image.open(io.BytesIO(encode_png_grid(np.ones((1, 3, 4, 4), np.float32))))
+    assert grid.mode == "RGB" and grid.size == (8, 8)
+
+
+@pytest.mark.parametrize(
+    ("accept", "expected"),
+    [("image/png", True), ("image/*", True), ("*/*", False), ("", False), ("application/json", False),
+     ("application/json, image/png;q=0.5", False), ("image/png, application/json;q=0.9", True)],
+)  # fmt: skip
+def test_accept_negotiation(accept: str, expected: bool) -> None:
+    assert wants_png(accept) is expected
+
+
+def test_latent_validation() -> None:
+    assert latents_array([[1, 2], [3, 4]], 2).dtype == np.float32
+    with pytest.raises(
+        InvalidLatents, match=r"latents\[1\] has 1 values; this model's latent vectors have 2"
+    ):
+        latents_array([[1, 2], [3]], 2)
+    with pytest.raises(NonFiniteValues):
+        latents_array([[1, float("nan")]], 2)
+    with pytest.raises(NonFiniteValues):
+        latents_array([[1, 1e39]], 2)
+
+
+def test_seeded_sampling_and_reparameterization() -> None:
+    expected = (np.random.default_rng(3).standard_normal((2, 4)) * 0.5).astype(np.float32)
+    assert np.array_equal(sample_latents(2, 4, seed=3, temperature=0.5), expected)
+    mean, log_var = np.ones((1, 4), np.float32), np.zeros((1, 4), np.float32)
+    eps = np.random.default_rng(9).standard_normal((1, 4)).astype(np.float32)
+    assert np.array_equal(reparameterize(mean, log_var, 9), mean + eps)
+
+
+def test_interpolation_includes_both_endpoints_exactly() -> None:
+    start = np.array([0.1, 0.2, 0.3], np.float32)
+    end = np.array([-1.0, 0.7, 2.0], np.float32)
+    for method in ("linear", "slerp"):
+        frames = interpolate(start, end, 6, method)  # type: ignore[arg-type]
+        assert frames.shape == (6, 3) and frames.dtype == np.float32
+        assert np.array_equal(frames[0], start) and np.array_equal(frames[-1], end)
+
+
+def test_slerp_keeps_the_norm_between_orthogonal_unit_vectors() -> None:
+    frames = interpolate(np.array([1, 0], np.float32), np.array([0, 1], np.float32), 5, "slerp")
+    np.testing.assert_allclose(np.linalg.norm(frames, axis=1), 1, atol=1e-6)
+    np.testing.assert_allclose(frames[2], [np.sqrt(0.5), np.sqrt(0.5)], atol=1e-6)
+
+
+def test_slerp_falls_back_to_linear_for_parallel_and_zero_vectors() -> None:
+    start = np.array([1.0, 2.0], np.float32)
+    for end in (2 * start, -start, np.zeros(2, np.float32)):
+        np.testing.assert_array_equal(
+            interpolate(start, end, 4, "slerp"), interpolate(start, end, 4, "linear")
+        )
