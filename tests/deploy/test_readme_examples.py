@@ -1,0 +1,70 @@
+"""Every curl example of the README's API section works against a real `vae-serve` with the shipped model."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def api_curl_commands() -> list[str]:
+    """The curl commands in the ```sh blocks of the README's `## API` section, continuation lines joined."""
+    readme = (REPO_ROOT / "README.md").read_text()
+    section = readme.split("\n## API\n", 1)[1].split("\n## ", 1)[0]
+    commands = []
+    for block in re.findall(r"```sh\n(.*?)```", section, flags=re.DOTALL):
+        for line in block.replace("\\\n", " ").splitlines():
+            if line.startswith("curl "):
+                commands.append(line)
+    return commands
+
+
+def test_readme_has_an_example_for_every_endpoint() -> None:
+    commands = " ".join(api_curl_commands())
+    for path in ("/encode", "/decode", "/sample", "/reconstruct", "/interpolate", "/healthz", "/readyz"):
+        assert f"localhost:8000{path}" in commands, path
+    for path in ("/model", "/metrics"):
+        assert f"localhost:8000{path}" in commands, path
+    assert "-H 'Accept: image/png'" in commands and "-F file=@" in commands and "--data-binary" in commands
+
+
+@pytest.mark.slow
+def test_readme_curl_examples_work(deploy: Any, processes: Any, tmp_path: Path) -> None:
+    curl = shutil.which("curl")
+    if curl is None:
+        pytest.fail("curl is not installed (Debian: apt-get install curl; .ci/run does)")
+    port = deploy.free_port()
+    server = processes.start(
+        [deploy.installed_script("vae-serve")], deploy.service_environment(port), tmp_path, "vae-serve"
+    )
+    processes.wait_until_answering(server, f"http://127.0.0.1:{port}/readyz", timeout_seconds=60)
+
+    commands = api_curl_commands()
+    assert commands
+    for command in commands:
+        # Same command, plus: fail on transport errors, and print the status as the last line.
+        runnable = command.replace("localhost:8000", f"127.0.0.1:{port}").replace(
+            "curl ", "curl -sS -w '\\n%{http_code}' ", 1
+        )
+        result = subprocess.run(
+            ["bash", "-c", runnable], cwd=tmp_path, capture_output=True, text=True, check=False
+        )
+        assert result.returncode == 0, f"{command}\n{result.stderr}"
+        body, _, status = result.stdout.rpartition("\n")
+        if " -i " in command:  # the documented error example
+            assert status == "422" and "content-type: application/problem+json" in body.lower(), command
+            continue
+        assert status == "200", f"{command}\n{body}"
+        output = re.search(r" -o (\S+)", command)
+        if output:
+            assert (tmp_path / output.group(1)).read_bytes().startswith(PNG_SIGNATURE), command
+        elif "/metrics" not in command:
+            json.loads(body)
