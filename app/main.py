@@ -48,7 +48,9 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     install_error_handlers(app)
     app.include_router(router)
     route_paths = frozenset(
-        route.path for route in (*app.routes, *router.routes) if isinstance(getattr(route, "path", None), str)
+        path
+        for route in (*app.routes, *router.routes)
+        if isinstance(path := getattr(route, "path", None), str)
     )
     app.add_middleware(
         RequestGuardMiddleware,
