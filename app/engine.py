@@ -110,15 +110,22 @@ class Engine:
             except Exception as error:  # onnxruntime raises its own untyped errors for unreadable graphs
                 raise StartupError(f"onnxruntime cannot load the {part} {paths[part]}: {error}") from error
         engine = cls(manifest, sessions[0], sessions[1], model_dir)
+        if settings.execution_provider == "cuda" and engine.provider != CUDA:
+            # onnxruntime falls back to CPU silently when the CUDA libraries fail to load.
+            raise StartupError(
+                f"execution provider 'cuda' was requested, but onnxruntime could only start {engine.provider}; "
+                "check the CUDA and cuDNN libraries, or use --execution-provider auto or cpu"
+            )
         engine.check_graphs()
         engine.warm_up(settings.max_batch_size)
         logger.info(
-            "loaded model %s version %s from %s on %s (requested %r)",
+            "loaded model %s version %s from %s; running on %s (requested %r, onnxruntime offers %s)",
             manifest.name,
             manifest.version,
             model_dir,
             engine.provider,
             settings.execution_provider,
+            ", ".join(ort.get_available_providers()),
         )
         return engine
 

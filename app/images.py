@@ -74,6 +74,9 @@ def to_model_array(image: Image.Image, channels: int, height: int, width: int) -
         image.load()
     except (OSError, SyntaxError, ValueError) as error:  # Pillow reports truncated or corrupt data this way
         raise CorruptImage(f"the image data is corrupt or truncated: {error}") from None
+    if image.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16-bit grayscale: scale to 8 bits, don't clip
+        wide = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray(np.rint(np.clip(wide, 0, 65535) / 257).astype(np.uint8))
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         image = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)

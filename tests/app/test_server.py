@@ -86,7 +86,9 @@ def stop_server(process: subprocess.Popen[bytes], log: Path) -> None:
 def server(mnist_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     tmp_path = tmp_path_factory.mktemp("server")
     process, base_url, log = start_server(
-        tmp_path, "--model-dir", str(mnist_model_dir), "--max-batch-size", "16", "--max-wait-ms", "50"
+        tmp_path,
+        *("--model-dir", str(mnist_model_dir), "--max-batch-size", "16", "--max-wait-ms", "50"),
+        *("--max-body-bytes", "200000", "--max-image-pixels", "250000", "--max-sample-n", "32"),
     )
     try:
         yield base_url
@@ -148,6 +150,45 @@ def test_concurrent_requests_are_batched_over_http(server: str) -> None:
     runs, statuses = asyncio.run(burst())
     assert statuses == [200] * 8
     assert runs < 8
+
+
+def blank_png(width: int, height: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("L", (width, height)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+ERROR_CASES = [
+    ("POST", "/encode", {"content": b"text", "headers": {"Content-Type": "text/plain"}}, 415),
+    ("POST", "/encode", {"content": b"not an image", "headers": {"Content-Type": "image/png"}}, 415),
+    ("POST", "/encode", {"content": b"\0" * 200_001, "headers": {"Content-Type": "image/png"}}, 413),
+    ("POST", "/encode", {"content": blank_png(501, 500), "headers": {"Content-Type": "image/png"}}, 413),
+    ("POST", "/encode", {"content": blank_png(28, 28)[:-30], "headers": {"Content-Type": "image/png"}}, 422),
+    ("POST", "/decode", {"json": {"latents": [[0.0] * 15]}}, 422),
+    (
+        "POST",
+        "/decode",
+        {"content": b'{"latents": [[NaN]]}', "headers": {"Content-Type": "application/json"}},
+        422,
+    ),
+    ("GET", "/sample?n=33", {}, 422),
+    ("GET", "/sample?n=many", {}, 422),
+    ("POST", "/interpolate", {"json": {"start": [0.0] * 16, "end": [0.0] * 16, "steps": 65}}, 422),
+    ("GET", "/nothing-here", {}, 404),
+    ("PUT", "/sample", {}, 405),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "request_options", "status"), ERROR_CASES)
+def test_error_paths_over_http(
+    server: str, method: str, path: str, request_options: dict[str, object], status: int
+) -> None:
+    response = httpx.request(method, server + path, timeout=30, **request_options)  # type: ignore[arg-type]
+    assert response.status_code == status
+    assert response.headers["content-type"] == "application/problem+json"
+    problem = response.json()
+    assert set(problem) == {"type", "title", "status", "detail"} and problem["status"] == status
+    assert "Traceback" not in response.text
 
 
 def bad_model_dir(source: Path, target: Path, damage: str) -> Path:
@@ -224,3 +265,66 @@ def test_serves_the_shipped_default_model(tmp_path: Path) -> None:
         assert sample.status_code == 200 and len(sample.json()["images"]) == 4
     finally:
         stop_server(process, log)
+
+
+@pytest.fixture(scope="module")
+def slow_batching_server(mnist_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A server whose lone requests wait 2 s for a batch to fill, with a 1 s deadline and a 4-item queue."""
+    tmp_path = tmp_path_factory.mktemp("slow-server")
+    limits = ("--max-queue-items", "4", "--max-sample-n", "4", "--max-items-per-request", "4")
+    process, base_url, log = start_server(
+        tmp_path,
+        *("--model-dir", str(mnist_model_dir), "--max-wait-ms", "2000", "--request-timeout-seconds", "1"),
+        *(*limits, "--max-interpolation-steps", "4"),
+    )
+    try:
+        yield base_url
+    finally:
+        stop_server(process, log)
+
+
+def metric(base_url: str, line_start: str) -> float:
+    text = httpx.get(base_url + "/metrics", timeout=10).text
+    return float(next(line for line in text.splitlines() if line.startswith(line_start)).split()[-1])
+
+
+def wait_for_metric(base_url: str, line_start: str, expected: float, timeout_seconds: float = 5) -> None:
+    deadline = time.monotonic() + timeout_seconds
+    while metric(base_url, line_start) != expected:
+        assert time.monotonic() < deadline, f"{line_start} never reached {expected}"
+        time.sleep(0.01)  # poll interval
+
+
+QUEUE_DEPTH = 'vae_queue_depth{part="decoder"}'
+
+
+def test_deadline_and_full_queue_over_http(slow_batching_server: str) -> None:
+    async def scenario() -> tuple[httpx.Response, httpx.Response]:
+        async with httpx.AsyncClient(base_url=slow_batching_server, timeout=30) as client:
+            waiting = asyncio.ensure_future(client.get("/sample?n=4&seed=0"))
+            while metric(slow_batching_server, QUEUE_DEPTH) != 4:
+                await asyncio.sleep(0.01)  # poll interval until the first request is queued
+            rejected = await client.get("/sample?n=1")
+            return await waiting, rejected
+
+    timed_out, rejected = asyncio.run(scenario())
+    assert rejected.status_code == 503 and rejected.headers["retry-after"] == "1"
+    assert timed_out.status_code == 504 and timed_out.headers["content-type"] == "application/problem+json"
+    assert metric(slow_batching_server, QUEUE_DEPTH) == 0
+    assert metric(slow_batching_server, 'vae_requests_rejected_total{reason="queue_full"}') == 1
+    assert metric(slow_batching_server, 'vae_requests_rejected_total{reason="timeout"}') == 1
+
+
+def test_disconnected_client_leaves_no_work_behind(slow_batching_server: str) -> None:
+    host, port = slow_batching_server.removeprefix("http://").split(":")
+    timeouts_before = metric(slow_batching_server, 'vae_requests_rejected_total{reason="timeout"}')
+    with socket.create_connection((host, int(port)), timeout=10) as connection:
+        connection.sendall(b"GET /sample?n=3&seed=0 HTTP/1.1\r\nHost: test\r\n\r\n")
+        wait_for_metric(slow_batching_server, QUEUE_DEPTH, 3)
+    # Gone well before both the 2 s batch wait and the 1 s deadline: the items leave the queue unrun.
+    wait_for_metric(slow_batching_server, QUEUE_DEPTH, 0, timeout_seconds=0.8)
+    assert (
+        metric(slow_batching_server, 'vae_requests_total{endpoint="/sample",method="GET",status="499"}') == 1
+    )
+    assert metric(slow_batching_server, 'vae_requests_rejected_total{reason="timeout"}') == timeouts_before
+    assert metric(slow_batching_server, 'vae_items_processed_total{part="decoder"}') == 0

@@ -36,6 +36,12 @@ def test_alpha_is_composited_onto_black_for_rgb_models() -> None:
     assert decode_images([png(palette)], (1, 4, 4), 1000).max() == 0
 
 
+def test_16_bit_grayscale_is_scaled_not_clipped() -> None:
+    wide = (np.arange(16, dtype=np.uint16) * 4369).reshape(4, 4)  # 0 .. 65535
+    converted = decode_images([png(Image.fromarray(wide))], (1, 4, 4), 1000)
+    np.testing.assert_allclose(converted[0, 0], np.rint(wide / 257) / 255, atol=1e-6)
+
+
 def test_pixel_limit_counts_width_times_height() -> None:
     with pytest.raises(ImageTooLarge, match="8x8 = 64 pixels; at most 63"):
         decode_images([png(Image.new("L", (8, 8)))], (1, 4, 4), 63)
