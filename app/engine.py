@@ -113,7 +113,7 @@ class Engine:
         if settings.execution_provider == "cuda" and engine.provider != CUDA:
             # onnxruntime falls back to CPU silently when the CUDA libraries fail to load.
             raise StartupError(
-                f"execution provider 'cuda' was requested, but onnxruntime could only start {engine.provider}; "
+                f"execution provider 'cuda' was requested, but onnxruntime started {engine.provider}; "
                 "check the CUDA and cuDNN libraries, or use --execution-provider auto or cpu"
             )
         engine.check_graphs()
