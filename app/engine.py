@@ -15,6 +15,7 @@ import onnxruntime as ort
 
 from app.batcher import Batcher
 from app.config import ExecutionProvider, Settings
+from app.errors import NonFiniteValues
 from app.metrics import Metrics
 from model.manifest import DEFAULT_MODEL_DIR, Manifest, load_model_dir
 
@@ -212,4 +213,9 @@ class Engine:
         """(N, L) float32 -> (N, C, H, W) float32 in [0, 1], batched with concurrent requests."""
         assert self._decoder_batcher is not None, "Engine.start() was not called"
         (images,) = await self._decoder_batcher.submit(latents)
+        if not np.isfinite(images).all():
+            raise NonFiniteValues(
+                "the decoder produced non-finite pixels: the latent values are too large; "
+                "keep them within a few hundred"
+            )
         return images
