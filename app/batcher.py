@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from app.errors import QueueFull
+from app.errors import ModelNotReady, QueueFull
 from app.metrics import PartMetrics
 
 Outputs = tuple[np.ndarray, ...]
@@ -78,10 +78,10 @@ class Batcher:
             await asyncio.gather(self._worker, return_exceptions=True)
             self._worker = None
         for request in self._queue:
-            request.future.cancel()
+            self._abandon(request)
         self._queue.clear()
         self._set_queued_items(0)
-        self._executor.shutdown(wait=True)
+        self._executor.shutdown(wait=False)  # a run in progress finishes in its thread; nobody awaits it
 
     async def submit(self, items: np.ndarray) -> Outputs:
         """Run the model on `items` (N, ...) and return its outputs, each (N, ...), in the items' order.
@@ -165,6 +165,10 @@ class Batcher:
         started = time.perf_counter()
         try:
             outputs = await loop.run_in_executor(self._executor, self._run, batch)
+        except asyncio.CancelledError:  # the batcher is stopping: nobody will deliver these results
+            for request, _, _ in slices:
+                self._abandon(request)
+            raise
         except Exception as error:  # the run failed: every request in this batch fails with it
             for request, _, _ in slices:
                 self._fail(request, error)
@@ -182,6 +186,10 @@ class Batcher:
                 if stop == len(request.items):
                     request.future.set_result(self._assemble(request.pieces))
             offset += count
+
+    def _abandon(self, request: _Request) -> None:
+        if not request.future.done():
+            request.future.set_exception(ModelNotReady(f"the server is shutting down the {self.part}; retry"))
 
     def _fail(self, request: _Request, error: Exception) -> None:
         if not request.future.done():

@@ -52,6 +52,11 @@ def _check_dims(what: str, actual: Sequence[object], expected: Sequence[int]) ->
         raise StartupError(f"{what} has shape {list(actual)}, but the manifest implies {shown}")
 
 
+def _check_float32(what: str, element_type: str) -> None:
+    if element_type != "tensor(float)":
+        raise StartupError(f"{what} has element type {element_type}; the service sends and reads float32")
+
+
 def _check_names(what: str, actual: list[str], expected: list[str]) -> None:
     if sorted(actual) != sorted(expected):
         raise StartupError(f"{what} are named {actual}, but the manifest says {expected}")
@@ -96,7 +101,7 @@ class Engine:
         """
         model_dir = settings.model_dir or DEFAULT_MODEL_DIR
         if not model_dir.is_dir():
-            raise StartupError(f"model directory {model_dir} does not exist")
+            raise StartupError(f"model directory {model_dir} does not exist or is not a directory")
         manifest, paths = load_model_dir(model_dir)
         providers = select_providers(settings.execution_provider, ort.get_available_providers())
         options = ort.SessionOptions()
@@ -142,6 +147,13 @@ class Engine:
         _check_names("encoder outputs", list(encoder_outputs), self._encoder_outputs)
         _check_names("decoder inputs", [node.name for node in decoder_inputs], [names.decoder_input])
         _check_names("decoder outputs", list(decoder_outputs), self._decoder_outputs)
+        for what, node in (
+            (f"encoder input {names.encoder_input!r}", encoder_inputs[0]),
+            (f"decoder input {names.decoder_input!r}", decoder_inputs[0]),
+            *((f"encoder output {name!r}", encoder_outputs[name]) for name in self._encoder_outputs),
+            *((f"decoder output {name!r}", decoder_outputs[name]) for name in self._decoder_outputs),
+        ):
+            _check_float32(what, node.type)
         _check_dims(f"encoder input {names.encoder_input!r}", encoder_inputs[0].shape, image_shape)
         for name in self._encoder_outputs:
             _check_dims(f"encoder output {name!r}", encoder_outputs[name].shape, (-1, latent_dim))
@@ -156,8 +168,13 @@ class Engine:
         """Run one full batch through each part, so the first request does not pay for allocation."""
         channels, height, width = self.manifest.image.shape
         latent_dim = self.manifest.latent_dim
-        mean, log_var = self.run_encoder(np.zeros((batch_size, channels, height, width), dtype=np.float32))
-        (images,) = self.run_decoder(np.zeros((batch_size, latent_dim), dtype=np.float32))
+        try:
+            mean, log_var = self.run_encoder(
+                np.zeros((batch_size, channels, height, width), dtype=np.float32)
+            )
+            (images,) = self.run_decoder(np.zeros((batch_size, latent_dim), dtype=np.float32))
+        except Exception as error:  # onnxruntime's errors are untyped; any failure here means unservable
+            raise StartupError(f"warm-up run of {batch_size} items failed: {error}") from error
         for what, array, shape in (
             ("encoder mean", mean, (batch_size, latent_dim)),
             ("encoder log_var", log_var, (batch_size, latent_dim)),

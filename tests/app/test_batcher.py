@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 
 from app.batcher import Batcher, Outputs
-from app.errors import QueueFull
+from app.errors import ModelNotReady, QueueFull
 from app.metrics import Metrics
 
 
@@ -159,6 +159,23 @@ async def test_timed_out_request_is_dropped_from_the_queue() -> None:
         gate.set()
         await batcher.stop()
     assert model.runs == [[1]]
+
+
+@pytest.mark.asyncio
+async def test_stopping_cancels_queued_and_running_requests() -> None:
+    gate = threading.Event()
+    model = FakeModel(gate)
+    batcher = make_batcher(model, max_batch_size=1, max_wait_ms=0)
+    batcher.start()
+    running = asyncio.ensure_future(batcher.submit(items(1)))
+    await asyncio.to_thread(model.started.wait, 5)
+    queued = asyncio.ensure_future(batcher.submit(items(2)))
+    await asyncio.sleep(0)
+    await batcher.stop()
+    gate.set()
+    results = await asyncio.gather(running, queued, return_exceptions=True)
+    assert [type(result) for result in results] == [ModelNotReady, ModelNotReady]
+    assert all(result.status == 503 for result in results)  # type: ignore[union-attr]
 
 
 @pytest.mark.asyncio

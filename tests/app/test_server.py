@@ -213,7 +213,7 @@ def bad_model_dir(source: Path, target: Path, damage: str) -> Path:
         ("missing file", "decoder file decoder.onnx named in the manifest is missing"),
         ("checksum mismatch", "encoder file encoder.onnx has sha256"),
         ("manifest disagrees with the graph", "but the manifest implies ['N', 17]"),
-        ("not a directory", "does not exist"),
+        ("not a directory", "does not exist or is not a directory"),
     ],
 )
 def test_bad_model_directory_stops_with_one_clear_message(
