@@ -112,12 +112,14 @@ def test_uploads_are_converted_to_the_model_format(client: TestClient) -> None:
     large = random_pixels((56, 70), seed=3)
     resized = np.asarray(Image.fromarray(large).resize((28, 28), Image.Resampling.BILINEAR))
     assert encode(png(large)) == encode(png(resized))
-    jpeg = io.BytesIO()
-    Image.fromarray(gray).save(jpeg, format="JPEG")
-    assert (
-        client.post("/encode", content=jpeg.getvalue(), headers={"Content-Type": "image/jpeg"}).status_code
-        == 200
-    )
+    for image_format, media_type in (("JPEG", "image/jpeg"), ("GIF", "image/gif"), ("BMP", "image/bmp")):
+        other = io.BytesIO()
+        Image.fromarray(gray).save(other, format=image_format)
+        response = client.post("/encode", content=other.getvalue(), headers={"Content-Type": media_type})
+        assert response.status_code == 200, image_format
+    lossless_webp = io.BytesIO()
+    Image.fromarray(gray).save(lossless_webp, format="WEBP", lossless=True)
+    assert encode(lossless_webp.getvalue()) == encode(png(gray))
 
 
 # --- /decode ---------------------------------------------------------------------------------------------
