@@ -72,8 +72,9 @@ _INTERPOLATE_BODY: dict[str, Any] = {
         },
     }
 }
+_PROBLEM_SCHEMA = Problem.model_json_schema()
 _PROBLEMS: dict[int | str, dict[str, Any]] = {
-    status: {"model": Problem, "content": {"application/problem+json": {}}, "description": description}
+    status: {"content": {"application/problem+json": {"schema": _PROBLEM_SCHEMA}}, "description": description}
     for status, description in (
         (413, "Body or image too large."),
         (415, "Not an image, or an unsupported Content-Type."),
