@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from app.batcher import Batcher, Outputs
 from app.errors import ModelNotReady, QueueFull
@@ -243,3 +245,29 @@ async def test_batched_onnxruntime_outputs_match_single_runs(mnist_model_dir: Pa
     for index in range(len(images)):
         for output in range(2):
             np.testing.assert_allclose(batched[index][output], single[index][output], rtol=0, atol=1e-6)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    sizes=st.lists(st.integers(min_value=1, max_value=20), min_size=1, max_size=12),
+    max_batch_size=st.integers(min_value=1, max_value=16),
+)
+def test_any_mix_of_requests_is_split_and_reassembled_in_order(sizes: list[int], max_batch_size: int) -> None:
+    async def scenario() -> tuple[list[Outputs], FakeModel]:
+        model = FakeModel()
+        batcher = make_batcher(model, max_batch_size=max_batch_size, max_wait_ms=20, max_queue_items=240)
+        batcher.start()
+        try:
+            requests = [np.arange(size, dtype=np.float32) + 100 * index for index, size in enumerate(sizes)]
+            return await asyncio.gather(*(batcher.submit(request) for request in requests)), model
+        finally:
+            await batcher.stop()
+
+    results, model = asyncio.run(scenario())
+    for index, (size, (doubled, plus_one)) in enumerate(zip(sizes, results, strict=True)):
+        expected = np.arange(size, dtype=np.float32) + 100 * index
+        assert doubled.tolist() == (2 * expected).tolist() and plus_one.tolist() == (expected + 1).tolist()
+    total = sum(sizes)
+    assert [len(run) for run in model.runs] == [max_batch_size] * (total // max_batch_size) + (
+        [total % max_batch_size] if total % max_batch_size else []
+    )
