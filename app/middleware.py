@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+from prometheus_client import Counter, Histogram
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -23,6 +24,7 @@ class MetricsMiddleware:
         self.app = app
         self.metrics = metrics
         self.route_paths = route_paths
+        self._cache: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -44,14 +46,25 @@ class MetricsMiddleware:
             status = 500  # Starlette's outermost error middleware answers with the 500 problem
             raise
         finally:
-            path = scope["path"]
-            endpoint = path if path in self.route_paths else "other"
-            method = scope["method"] if scope["method"] in KNOWN_METHODS else "other"
-            self.metrics.requests.labels(endpoint=endpoint, method=method, status=str(status)).inc()
-            self.metrics.request_duration_seconds.labels(endpoint=endpoint).observe(
-                time.perf_counter() - started
-            )
+            counter, duration = self._children(scope["path"], scope["method"], status)
+            counter.inc()
+            duration.observe(time.perf_counter() - started)
             self.metrics.requests_in_flight.dec()
+
+    def _children(self, path: str, method: str, status: int) -> tuple[Counter, Histogram]:
+        """The labelled metric children for one request, cached: `labels()` costs microseconds per call."""
+        key = (path, method, status)
+        children = self._cache.get(key)
+        if children is None:
+            endpoint = path if path in self.route_paths else "other"
+            method_label = method if method in KNOWN_METHODS else "other"
+            children = (
+                self.metrics.requests.labels(endpoint=endpoint, method=method_label, status=str(status)),
+                self.metrics.request_duration_seconds.labels(endpoint=endpoint),
+            )
+            if endpoint != "other" and method_label != "other":  # arbitrary paths must not grow the cache
+                self._cache[key] = children
+        return children
 
 
 # Requests answered within this time never start a disconnect watcher (a task costs ~50 us per request);
