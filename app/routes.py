@@ -219,10 +219,11 @@ async def reconstruct(
 ) -> Response:
     engine, settings = serving(request)
     mean, log_var = await _encode_uploads(request, engine, settings)
+    latents = mean
     if sample:
         seed = pick_seed() if seed is None else seed
-        mean = reparameterize(mean, log_var, seed)
-    return image_response(request, await engine.decode(mean), image_format, seed=seed if sample else None)
+        latents = reparameterize(mean, log_var, seed)
+    return image_response(request, await engine.decode(latents), image_format, seed=seed if sample else None)
 
 
 @router.post(
@@ -240,16 +241,17 @@ async def interpolate_route(request: Request, image_format: FormatQuery = "png")
     start, end, options = await read_interpolation(request)
     if options.steps > settings.max_interpolation_steps:
         raise LimitExceeded("steps", options.steps, settings.max_interpolation_steps)
-    latent_dim = engine.manifest.latent_dim
     endpoints: dict[str, np.ndarray] = {}
-    uploads = {name: value for name, value in (("start", start), ("end", end)) if isinstance(value, bytes)}
-    if uploads:
+    uploads: dict[str, bytes] = {}
+    for name, value in (("start", start), ("end", end)):
+        if isinstance(value, bytes):
+            uploads[name] = value
+        else:
+            endpoints[name] = latents_array([value], engine.manifest.latent_dim, name)[0]
+    if uploads:  # images are encoded to their posterior mean, in one batch
         images = await images_to_array(list(uploads.values()), engine.manifest.image.shape, settings)
         mean, _ = await engine.encode(images)
         endpoints.update(zip(uploads, mean, strict=True))
-    for name, value in (("start", start), ("end", end)):
-        if not isinstance(value, bytes):
-            endpoints[name] = latents_array([value], latent_dim, name)[0]
     frames = interpolate(endpoints["start"], endpoints["end"], options.steps, options.method)
     return image_response(
         request, await engine.decode(frames), image_format, latents=frames.tolist(), method=options.method
@@ -291,6 +293,5 @@ async def model_info(request: Request) -> dict[str, Any]:
 
 @router.get("/metrics", summary="Prometheus metrics of this process", response_class=Response)
 async def metrics(request: Request) -> Response:
-    registry = request.app.state.metrics
-    assert isinstance(registry, Metrics)
-    return Response(generate_latest(registry.registry), media_type=CONTENT_TYPE_LATEST)
+    app_metrics: Metrics = request.app.state.metrics
+    return Response(generate_latest(app_metrics.registry), media_type=CONTENT_TYPE_LATEST)
