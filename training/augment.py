@@ -16,23 +16,33 @@ from torch import Tensor
 
 @dataclass(frozen=True)
 class Augmentation:
-    """translate_pixels: max |shift| per axis; rotate_degrees: max |angle|; scale_range: max |scale - 1|."""
+    """translate_pixels: max |shift| per axis; rotate_degrees: max |angle|; scale_range: max |scale - 1|.
+
+    probability: the share of images that are augmented; the others pass through unchanged, so the model
+    also sees the undistorted digits it is evaluated on.
+    """
 
     translate_pixels: int = 0
     rotate_degrees: float = 0.0
     scale_range: float = 0.0
+    probability: float = 1.0
 
     @property
     def enabled(self) -> bool:
-        return self.translate_pixels > 0 or self.rotate_degrees > 0 or self.scale_range > 0
+        distorts = self.translate_pixels > 0 or self.rotate_degrees > 0 or self.scale_range > 0
+        return distorts and self.probability > 0
 
     def __call__(self, images: Tensor, generator: torch.Generator) -> Tensor:
         """(N, C, H, W) -> (N, C, H, W) augmented copies; draws all randomness from generator."""
+        augmented = images
         if self.rotate_degrees > 0 or self.scale_range > 0:
-            images = random_affine(images, self.rotate_degrees, self.scale_range, generator)
+            augmented = random_affine(augmented, self.rotate_degrees, self.scale_range, generator)
         if self.translate_pixels > 0:
-            images = random_translate(images, self.translate_pixels, generator)
-        return images
+            augmented = random_translate(augmented, self.translate_pixels, generator)
+        if self.probability < 1.0:
+            chosen = torch.rand(len(images), generator=generator) < self.probability
+            augmented = torch.where(chosen.view(-1, 1, 1, 1), augmented, images)
+        return augmented
 
 
 def random_translate(images: Tensor, max_shift: int, generator: torch.Generator) -> Tensor:

@@ -38,6 +38,7 @@ class TrainConfig:
     translate_pixels: int = 0
     rotate_degrees: float = 0.0
     scale_range: float = 0.0  # scale drawn uniformly from [1 - scale_range, 1 + scale_range]
+    augment_probability: float = 1.0  # share of training images augmented; the rest stay as they are
     # Model.
     latent_dim: int = 16
     widths: tuple[int, ...] = (32, 64)
@@ -74,6 +75,8 @@ class TrainConfig:
             raise ConfigError("free_bits, kl_warmup_epochs and translate_pixels must be >= 0")
         if not 0 <= self.scale_range < 1:
             raise ConfigError(f"scale_range must be in [0, 1), got {self.scale_range}")
+        if not 0 <= self.augment_probability <= 1:
+            raise ConfigError(f"augment_probability must be in [0, 1], got {self.augment_probability}")
         if self.lr_schedule not in ("onecycle", "cosine", "constant"):
             raise ConfigError(f"lr_schedule must be onecycle, cosine or constant, got {self.lr_schedule!r}")
         if self.likelihood not in ("bernoulli", "gaussian"):

@@ -69,9 +69,12 @@ def plot_prior_samples(vae: VAE, path: Path, *, rows: int = 8, seed: int = 0) ->
 
 
 def plot_reconstructions(vae: VAE, images: np.ndarray, path: Path, *, count: int = 16) -> None:
-    """Test images (odd rows) above their reconstructions from the posterior mean (even rows)."""
+    """Test images (odd rows) above their reconstructions from the posterior mean (even rows).
+
+    The images are spread evenly over the split, so a class-sorted split shows every class.
+    """
     count = min(count, len(images))
-    originals = images[:count]
+    originals = images[np.linspace(0, len(images) - 1, count).astype(int)]
     with torch.no_grad():
         reconstructed = _decode(vae, vae.encode(torch.from_numpy(originals))[0])
     columns = 8 if count >= 8 else count
@@ -91,7 +94,7 @@ def plot_reconstructions(vae: VAE, images: np.ndarray, path: Path, *, count: int
 def plot_interpolation(vae: VAE, images: np.ndarray, path: Path, *, pairs: int = 4, steps: int = 10) -> None:
     """Decoded straight lines between posterior means of pairs of test images, one strip per pair."""
     pairs = min(pairs, len(images) // 2)
-    chosen = np.linspace(0, len(images) - 1, 2 * pairs).astype(int)
+    chosen = np.linspace(0, len(images) - 1, 2 * pairs).astype(int)  # different classes if sorted
     with torch.no_grad():
         means = vae.encode(torch.from_numpy(images[chosen]))[0]
     weights = torch.linspace(0.0, 1.0, steps)[:, None]

@@ -137,7 +137,9 @@ class Trainer:
             self.model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
         )
         self.scheduler = build_scheduler(self.optimizer, config, config.epochs * self.steps_per_epoch)
-        self.augmentation = Augmentation(config.translate_pixels, config.rotate_degrees, config.scale_range)
+        self.augmentation = Augmentation(
+            config.translate_pixels, config.rotate_degrees, config.scale_range, config.augment_probability
+        )
         self.state = TrainState(best_model_state=copy.deepcopy(self.model.state_dict()))
 
     def resume(self) -> None:

@@ -36,3 +36,19 @@ def test_affine_identity_when_ranges_are_zero_and_generator_reproducible() -> No
     assert torch.equal(first, second)
     assert first.min() >= 0.0 and first.max() <= 1.0
     assert not Augmentation().enabled
+    assert not Augmentation(translate_pixels=2, probability=0.0).enabled
+
+
+def test_probability_leaves_the_other_images_untouched() -> None:
+    images = torch.zeros((400, 1, 5, 5))
+    images[:, 0, 2, 2] = 1.0
+    augment = Augmentation(translate_pixels=2, probability=0.25)
+    moved = augment(images, torch.Generator().manual_seed(0))
+    unchanged = (moved == images).flatten(1).all(dim=1)
+    # Replay the generator: shifts are drawn first, then the per-image choice.
+    replay = torch.Generator().manual_seed(0)
+    shifts = torch.randint(-2, 3, (2, 400), generator=replay)
+    chosen = torch.rand(400, generator=replay) < 0.25
+    expected = ~chosen | (shifts == 0).all(dim=0)
+    assert torch.equal(unchanged, expected)
+    assert 60 < int(chosen.sum()) < 140
