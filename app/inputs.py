@@ -16,7 +16,7 @@ from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException
 
 from app.config import Settings
-from app.errors import InvalidRequest, LimitExceeded, UnsupportedMediaType
+from app.errors import InvalidRequest, LimitExceeded, UnsupportedMediaType, VaeError
 from app.images import decode_images
 from app.schemas import InterpolateOptions, InterpolateRequest
 
@@ -33,6 +33,8 @@ async def read_form(request: Request, max_files: int) -> FormData:
     """Parse a multipart body; Starlette's 400s (too many files, malformed body) become 422 problems."""
     try:
         return await request.form(max_files=max_files, max_fields=16)
+    except VaeError:  # e.g. RequestTooLarge while streaming the body: already the right answer
+        raise
     except HTTPException as error:
         if "Too many files" in str(error.detail):
             raise LimitExceeded("the number of uploaded files", f"more than {max_files}", max_files) from None

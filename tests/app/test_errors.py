@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import struct
 import zlib
 from collections.abc import Callable, Iterator
@@ -106,6 +107,10 @@ def test_too_large_body_and_image(strict_client: TestClient) -> None:
     assert_problem(
         strict_client.post("/encode", content=chunks(), headers={"Content-Type": "image/png"}), 413
     )
+    form_start = b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n\r\n'
+    chunked_form = itertools.chain([form_start], chunks())
+    multipart = {"Content-Type": "multipart/form-data; boundary=b"}
+    assert_problem(strict_client.post("/encode", content=chunked_form, headers=multipart), 413, "50000")
     wide = png(np.zeros((10, 1001), np.uint8))
     assert_problem(
         strict_client.post("/encode", content=wide, headers={"Content-Type": "image/png"}), 413, "1001x10"
