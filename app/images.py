@@ -91,13 +91,18 @@ def to_model_array(image: Image.Image, channels: int, height: int, width: int) -
     return pixels[np.newaxis] if channels == 1 else pixels.transpose(2, 0, 1)
 
 
-def decode_images(blobs: list[bytes], shape: tuple[int, int, int], max_image_pixels: int) -> np.ndarray:
-    """Image files -> (N, C, H, W) float32 in [0, 1] for a model taking images of `shape` (C, H, W)."""
+def to_model_batch(images: list[Image.Image], shape: tuple[int, int, int]) -> np.ndarray:
+    """Opened images -> (N, C, H, W) float32 in [0, 1] for a model taking images of `shape` (C, H, W)."""
     channels, height, width = shape
-    batch = np.empty((len(blobs), channels, height, width), dtype=np.float32)
-    for index, blob in enumerate(blobs):
-        batch[index] = to_model_array(read_image_header(blob, max_image_pixels), channels, height, width)
+    batch = np.empty((len(images), channels, height, width), dtype=np.float32)
+    for index, image in enumerate(images):
+        batch[index] = to_model_array(image, channels, height, width)
     return batch
+
+
+def decode_images(blobs: list[bytes], shape: tuple[int, int, int], max_image_pixels: int) -> np.ndarray:
+    """Image files -> (N, C, H, W) float32 in [0, 1]: headers checked first, then decoded and converted."""
+    return to_model_batch([read_image_header(blob, max_image_pixels) for blob in blobs], shape)
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:

@@ -112,6 +112,9 @@ def test_uploads_are_converted_to_the_model_format(client: TestClient) -> None:
     large = random_pixels((56, 70), seed=3)
     resized = np.asarray(Image.fromarray(large).resize((28, 28), Image.Resampling.BILINEAR))
     assert encode(png(large)) == encode(png(resized))
+    huge = random_pixels((600, 640), seed=4)  # past the inline limit: converted in a worker thread
+    resized = np.asarray(Image.fromarray(huge).resize((28, 28), Image.Resampling.BILINEAR))
+    assert encode(png(huge)) == encode(png(resized))
     for image_format, media_type in (("JPEG", "image/jpeg"), ("GIF", "image/gif"), ("BMP", "image/bmp")):
         other = io.BytesIO()
         Image.fromarray(gray).save(other, format=image_format)
