@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import numpy as np
@@ -11,6 +12,9 @@ from starlette.responses import Response
 
 from app.images import encode_base64_pngs, encode_png_grid
 from app.schemas import ImageFormat
+
+# Results up to this many values (64 MNIST digits) are encoded on the event loop; larger ones in a thread.
+INLINE_ENCODE_MAX_VALUES = 64 * 28 * 28
 
 
 def wants_png(accept: str) -> bool:
@@ -34,8 +38,18 @@ def wants_png(accept: str) -> bool:
     return png_quality > 0 and png_quality > json_quality
 
 
-def image_response(request: Request, images: np.ndarray, image_format: ImageFormat, **extra: Any) -> Response:
+async def image_response(
+    request: Request, images: np.ndarray, image_format: ImageFormat, **extra: Any
+) -> Response:
     """(N, C, H, W) float32 in [0, 1] -> a PNG grid, or JSON `images` as base64 PNGs or nested lists."""
+    if images.size <= INLINE_ENCODE_MAX_VALUES:
+        return _image_response(request, images, image_format, extra)
+    return await asyncio.to_thread(_image_response, request, images, image_format, extra)
+
+
+def _image_response(
+    request: Request, images: np.ndarray, image_format: ImageFormat, extra: dict[str, Any]
+) -> Response:
     if wants_png(request.headers.get("accept", "")):
         return Response(encode_png_grid(images), media_type="image/png")
     encoded: list[Any] = encode_base64_pngs(images) if image_format == "png" else images.tolist()

@@ -172,7 +172,7 @@ async def decode(
     if len(body.latents) > settings.max_items_per_request:
         raise LimitExceeded("the number of latent vectors", len(body.latents), settings.max_items_per_request)
     latents = latents_array(body.latents, engine.manifest.latent_dim)
-    return image_response(request, await engine.decode(latents), image_format)
+    return await image_response(request, await engine.decode(latents), image_format)
 
 
 @router.get(
@@ -199,7 +199,7 @@ async def sample(
         raise LimitExceeded("temperature", temperature, settings.max_temperature)
     seed = pick_seed() if seed is None else seed
     images = await engine.decode(sample_latents(n, engine.manifest.latent_dim, seed, temperature))
-    return image_response(request, images, image_format, seed=seed, temperature=temperature)
+    return await image_response(request, images, image_format, seed=seed, temperature=temperature)
 
 
 @router.post(
@@ -223,7 +223,9 @@ async def reconstruct(
     if sample:
         seed = pick_seed() if seed is None else seed
         latents = reparameterize(mean, log_var, seed)
-    return image_response(request, await engine.decode(latents), image_format, seed=seed if sample else None)
+    return await image_response(
+        request, await engine.decode(latents), image_format, seed=seed if sample else None
+    )
 
 
 @router.post(
@@ -253,7 +255,7 @@ async def interpolate_route(request: Request, image_format: FormatQuery = "png")
         mean, _ = await engine.encode(images)
         endpoints.update(zip(uploads, mean, strict=True))
     frames = interpolate(endpoints["start"], endpoints["end"], options.steps, options.method)
-    return image_response(
+    return await image_response(
         request, await engine.decode(frames), image_format, latents=frames.tolist(), method=options.method
     )
 
