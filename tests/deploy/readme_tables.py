@@ -1,10 +1,12 @@
-"""The README's settings and metrics tables, generated from the code: `python tests/deploy/readme_tables.py`.
+"""The README's settings and metrics tables, generated from the code.
 
+`python tests/deploy/readme_tables.py` prints them; with `--write` it replaces them in README.md.
 tests/deploy/test_readme.py checks that the README holds exactly these rows.
 """
 
 from __future__ import annotations
 
+import sys
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -77,6 +79,25 @@ def metrics_table() -> str:
     return markdown_table(METRICS_HEADER, list(metric_rows()), code_columns=1)
 
 
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def replace_table(text: str, heading: str, table: str) -> str:
+    """text with the first Markdown table under `heading` replaced by `table`."""
+    lines = text.split("\n")
+    start = lines.index(heading)
+    while not lines[start].startswith("|"):
+        start += 1
+    end = start
+    while end < len(lines) and lines[end].startswith("|"):
+        end += 1
+    return "\n".join([*lines[:start], table, *lines[end:]])
+
+
 if __name__ == "__main__":
-    print(settings_table(), end="\n\n")
-    print(metrics_table())
+    if sys.argv[1:] == ["--write"]:
+        text = replace_table(README.read_text(), "## Settings", settings_table())
+        README.write_text(replace_table(text, "## Metrics", metrics_table()))
+    else:
+        print(settings_table(), end="\n\n")
+        print(metrics_table())
