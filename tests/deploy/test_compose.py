@@ -64,7 +64,7 @@ def test_default_stack() -> None:
     assert any(_named(volume, "models") for volume in service["volumes"])
     assert "models" in config["volumes"]
     # Unset in the shell means unset in the container: the shipped model is served.
-    assert service["environment"].get("VAE_MODEL_DIR") is None
+    assert service.get("environment", {}).get("VAE_MODEL_DIR") is None
     assert "deploy" not in service
 
 
