@@ -11,7 +11,7 @@ import os
 import shutil
 import tempfile
 import warnings
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
@@ -193,7 +193,7 @@ def export_model(
         manifest = Manifest(
             name=name,
             version=version,
-            created_at=datetime.now(timezone.utc),
+            created_at=datetime.now(UTC),
             image=ImageSpec(
                 channels=config.image_shape[0], height=config.image_shape[1], width=config.image_shape[2]
             ),
