@@ -7,11 +7,10 @@ every key must be a field of `TrainConfig` and appear once.
 from __future__ import annotations
 
 import dataclasses
+import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
-
-import tomllib
 
 
 class ConfigError(Exception):
