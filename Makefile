@@ -34,7 +34,7 @@ format: $(VENV)/.dev-installed
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-# Rebuild the shipped default model from scratch (about 10 minutes on 2 CPU cores).
+# Rebuild the shipped default model from scratch (about 5.5 minutes on 2 CPU cores).
 default-model: $(VENV)/.dev-installed
 	$(BIN)/vae-train --config training/configs/mnist.toml --run-dir runs/default --export-dir model/default
 
