@@ -17,8 +17,9 @@ from typing import Any
 
 from model.export import export_model
 from model.manifest import Manifest, TrainingData
+from model.vae import VAE
 from training.config import ConfigError, TrainConfig, load_config, read_toml
-from training.data import DatasetError, load_dataset
+from training.data import DatasetError, DataSplits, load_dataset
 from training.evaluate import evaluate
 from training.plots import save_all_plots
 from training.train import (
@@ -81,6 +82,20 @@ def _training_data(dataset: dict[str, Any]) -> TrainingData:
     return TrainingData(**dataset)
 
 
+def _evaluate_test_split(vae: VAE, config: TrainConfig, splits: DataSplits) -> dict[str, float]:
+    """The manifest's test metrics: the VAE on the test split, PCA fitted on the train split as baseline."""
+    return evaluate(
+        vae,
+        splits.test.images,
+        splits.train.images,
+        likelihood=config.likelihood,
+        gaussian_std=config.gaussian_std,
+        samples=config.eval_samples,
+        iwae_samples=config.iwae_samples,
+        seed=config.seed,
+    )
+
+
 def train_main(argv: list[str] | None = None) -> int:
     """`vae-train`: train (or resume), evaluate the best checkpoint on the test split, save plots, export."""
     parser = argparse.ArgumentParser(prog="vae-train", description=train_main.__doc__)
@@ -126,16 +141,7 @@ def train_main(argv: list[str] | None = None) -> int:
     vae = trainer.model
     vae.load_state_dict(state.best_model_state)
     vae.eval()
-    test_metrics = evaluate(
-        vae,
-        splits.test.images,
-        splits.train.images,
-        likelihood=config.likelihood,
-        gaussian_std=config.gaussian_std,
-        samples=config.eval_samples,
-        iwae_samples=config.iwae_samples,
-        seed=config.seed,
-    )
+    test_metrics = _evaluate_test_split(vae, config, splits)
     (run_dir / TEST_METRICS_FILENAME).write_text(json.dumps(test_metrics, indent=2) + "\n")
     payload = trainer.checkpoint_payload()
     payload["test_metrics"] = test_metrics
@@ -183,16 +189,7 @@ def export_main(argv: list[str] | None = None) -> int:
         splits = load_dataset(config)
         if splits.sizes() != checkpoint["dataset"]:
             raise DatasetError(f"dataset now splits as {splits.sizes()}, checkpoint: {checkpoint['dataset']}")
-        test_metrics = evaluate(
-            vae,
-            splits.test.images,
-            splits.train.images,
-            likelihood=config.likelihood,
-            gaussian_std=config.gaussian_std,
-            samples=config.eval_samples,
-            iwae_samples=config.iwae_samples,
-            seed=config.seed,
-        )
+        test_metrics = _evaluate_test_split(vae, config, splits)
         print("re-evaluated on the test split", file=sys.stderr)
     except DatasetError as error:
         if "test_metrics" not in checkpoint:
