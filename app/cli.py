@@ -2,14 +2,17 @@
 
 Every Settings field is a flag (`--max-batch-size 32`) and a `VAE_` environment variable; flags win.
 Metrics are per process, so run one process per container and scale with containers.
+SIGHUP reloads the configured model directory; SIGTERM stops gracefully (within --shutdown-grace-seconds).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from collections.abc import Sequence
+from types import FrameType
 
 import uvicorn
 from pydantic import ValidationError
@@ -59,9 +62,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ManifestError, StartupError) as error:
         print(f"vae-serve: error: cannot serve the model: {error}", file=sys.stderr)
         return 1
-    app = create_app(settings, engine)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, workers=1)
+    app = create_app(settings, engine, reload_on_sighup=True)
+    # uvicorn re-raises SIGTERM once its graceful shutdown is done; by then stopping is a success (status 0).
+    signal.signal(signal.SIGTERM, _exit_cleanly)
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        workers=1,
+        timeout_graceful_shutdown=settings.shutdown_grace_seconds,
+    )
     return 0
+
+
+def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(0)
 
 
 if __name__ == "__main__":

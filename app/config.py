@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ExecutionProvider = Literal["auto", "cpu", "cuda"]
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
@@ -111,6 +111,43 @@ class Settings(BaseSettings):
         ),
     )
     log_level: LogLevel = Field(default="info", description="Log messages below this level are not written.")
+    api_key: SecretStr | None = Field(
+        default=None,
+        description=(
+            "When set, the model endpoints require this key as 'Authorization: Bearer <key>' or "
+            "'X-API-Key: <key>' (401 otherwise); the /admin endpoints always require it and are refused with "
+            "403 while it is unset."
+        ),
+    )
+    protect_ops_endpoints: bool = Field(
+        default=False,
+        description=(
+            "When true (and an API key is set), /healthz, /readyz, /metrics, /docs and /openapi.json require "
+            "the API key too; by default they stay open for probes and scrapers."
+        ),
+    )
+    cors_allow_origins: Annotated[list[str] | None, NoDecode] = Field(
+        default=None,
+        description=(
+            "Browsers on these origins (comma-separated, e.g. 'https://a.example,https://b.example', or '*') "
+            "may call the API; when unset, no CORS headers are sent."
+        ),
+    )
+    shutdown_grace_seconds: int = Field(
+        default=30,
+        ge=1,
+        description=(
+            "On SIGTERM the server stops accepting connections and gives requests in flight this many "
+            "seconds to finish before it closes them."
+        ),
+    )
+
+    @field_validator("cors_allow_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [origin.strip() for origin in value.split(",") if origin.strip()]
+        return value
 
     @model_validator(mode="after")
     def _queue_holds_a_request(self) -> Settings:

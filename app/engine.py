@@ -5,8 +5,10 @@ Routes call `encode` / `decode`; nothing else in the service touches onnxruntime
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +82,9 @@ class Engine:
         self._encoder_batcher: Batcher | None = None
         self._decoder_batcher: Batcher | None = None
         self.warmed_up = False
+        self._requests_in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
         names = manifest.tensors
         self._encoder_outputs = [names.encoder_mean, names.encoder_log_var]
         self._decoder_outputs = [names.decoder_output]
@@ -92,6 +97,23 @@ class Engine:
     @property
     def ready(self) -> bool:
         return self.warmed_up and self._encoder_batcher is not None
+
+    @property
+    def version_label(self) -> str:
+        """`name/version`, as the X-Model-Version response header shows it."""
+        return f"{self.manifest.name}/{self.manifest.version}"
+
+    @contextmanager
+    def in_use(self) -> Iterator[Engine]:
+        """Count a request as using this engine until it is answered, so a reload can wait for it."""
+        self._requests_in_flight += 1
+        self._idle.clear()
+        try:
+            yield self
+        finally:
+            self._requests_in_flight -= 1
+            if self._requests_in_flight == 0:
+                self._idle.set()
 
     @classmethod
     def load(cls, settings: Settings) -> Engine:
@@ -213,6 +235,11 @@ class Engine:
         )
         self._encoder_batcher.start()
         self._decoder_batcher.start()
+
+    async def stop_when_idle(self) -> None:
+        """Stop once the requests that use this engine are answered (after a reload replaced it)."""
+        await self._idle.wait()
+        await self.stop()
 
     async def stop(self) -> None:
         for batcher in (self._encoder_batcher, self._decoder_batcher):

@@ -103,6 +103,37 @@ class QueueFull(VaeError):
         )
 
 
+class Unauthorized(VaeError):
+    status, title, slug = 401, "Unauthorized", "unauthorized"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail, headers={"WWW-Authenticate": "Bearer"})
+
+
+class AdminDisabled(VaeError):
+    status, title, slug = 403, "Admin endpoints disabled", "admin-disabled"
+
+    def __init__(self) -> None:
+        super().__init__(
+            "the admin endpoints are disabled because no API key is configured; "
+            "set VAE_API_KEY to enable them"
+        )
+
+
+class ReloadInProgress(VaeError):
+    status, title, slug = 409, "Reload in progress", "reload-in-progress"
+
+    def __init__(self) -> None:
+        super().__init__("another model reload is in progress; retry when it has finished")
+
+
+class ReloadFailed(VaeError):
+    status, title, slug = 422, "Model reload failed", "reload-failed"
+
+    def __init__(self, model_dir: object, reason: str) -> None:
+        super().__init__(f"cannot serve the model in {model_dir}: {reason}; the previous model keeps serving")
+
+
 class ModelNotReady(VaeError):
     status, title, slug = 503, "Model not ready", "model-not-ready"
 

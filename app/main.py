@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
+import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from starlette.middleware.cors import CORSMiddleware
 
+from app.admin import admin_router
+from app.auth import ApiKeyMiddleware, document_security, route_access
 from app.config import Settings
 from app.engine import Engine
 from app.errors import install_error_handlers
 from app.metrics import Metrics
 from app.middleware import MetricsMiddleware, RequestGuardMiddleware
-from app.routes import router
+from app.reload import ModelReloader
+from app.routes import MODEL_VERSION_HEADER, router
 
 DESCRIPTION = """\
 Encode, decode, sample, reconstruct and interpolate with a variational autoencoder on onnxruntime.
@@ -20,11 +28,19 @@ Encode, decode, sample, reconstruct and interpolate with a variational autoencod
 Image results are JSON with one base64 PNG per image by default, `?format=array` for (C, H, W) float arrays in
 [0, 1], or one PNG grid with `Accept: image/png`. Every error is `application/problem+json`:
 `{"type", "title", "status", "detail"}`. Metrics at `/metrics` are per process (one process per container).
+
+With `VAE_API_KEY` set, the model endpoints need `Authorization: Bearer <key>` or `X-API-Key: <key>`; the
+`/admin` endpoints always do. Model responses carry `X-Model-Version: name/version`.
 """
 
 
-def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
-    """A FastAPI app serving one model; `engine` may be pre-loaded (the CLI does, to fail fast)."""
+def create_app(
+    settings: Settings | None = None, engine: Engine | None = None, reload_on_sighup: bool = False
+) -> FastAPI:
+    """A FastAPI app serving one model; `engine` may be pre-loaded (the CLI does, to fail fast).
+
+    `reload_on_sighup` installs a SIGHUP handler on the running loop (main thread only: the CLI sets it).
+    """
     settings = settings if settings is not None else Settings()
     metrics = Metrics()
 
@@ -35,11 +51,20 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         manifest = loaded.manifest
         metrics.set_model_info(manifest.name, manifest.version, loaded.provider, manifest.latent_dim)
         app.state.engine = loaded
+        reloader = app.state.reloader = ModelReloader(app, settings, metrics)
+        loop = asyncio.get_running_loop()
+        if reload_on_sighup:
+            loop.add_signal_handler(signal.SIGHUP, reloader.reload_on_signal)
         try:
             yield
         finally:
+            if reload_on_sighup:
+                loop.remove_signal_handler(signal.SIGHUP)
+            await reloader.stop()
+            serving: Engine | None = app.state.engine
             app.state.engine = None
-            await loaded.stop()
+            if serving is not None:
+                await serving.stop()
 
     app = FastAPI(title="VAE service", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     app.state.settings = settings
@@ -47,10 +72,26 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.state.engine = None
     install_error_handlers(app)
     app.include_router(router)
-    route_paths = frozenset(
-        path
-        for route in (*app.routes, *router.routes)
-        if isinstance(path := getattr(route, "path", None), str)
+    app.include_router(admin_router)
+    routes = [*app.routes, *router.routes, *admin_router.routes]
+    route_paths = frozenset(path for route in routes if isinstance(path := getattr(route, "path", None), str))
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(
+                title=app.title, version=app.version, description=app.description, routes=app.routes
+            )
+            document_security(schema, settings.api_key is not None, settings.protect_ops_endpoints)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    # Starlette runs the last-added middleware first: CORS, metrics, request guard, API key, routes.
+    app.add_middleware(
+        ApiKeyMiddleware,
+        api_key=settings.api_key,
+        protect_ops_endpoints=settings.protect_ops_endpoints,
+        access=route_access(routes),
     )
     app.add_middleware(
         RequestGuardMiddleware,
@@ -59,4 +100,12 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         max_body_bytes=settings.max_body_bytes,
     )
     app.add_middleware(MetricsMiddleware, metrics=metrics, route_paths=route_paths)
+    if settings.cors_allow_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_allow_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "X-API-Key", "Content-Type", "Accept"],
+            expose_headers=[MODEL_VERSION_HEADER, "Retry-After"],
+        )
     return app

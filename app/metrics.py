@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 MODEL_PARTS = ("encoder", "decoder")
 REJECTION_REASONS = ("queue_full", "timeout")
+RELOAD_RESULTS = ("success", "failure")
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 QUEUE_WAIT_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 INFERENCE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
@@ -89,11 +90,20 @@ class Metrics:
             ("name", "version", "provider", "latent_dim"),
             registry=registry,
         )
+        self.model_reloads = Counter(
+            "vae_model_reloads_total",
+            "Model reloads (POST /admin/reload or SIGHUP), by result: success or failure.",
+            ("result",),
+            registry=registry,
+        )
+        self._model_info_labels: dict[str, str] | None = None
         # Create every labelled child up front so dashboards see zeros rather than missing series.
         for part in MODEL_PARTS:
             self.for_part(part)
         for reason in REJECTION_REASONS:
             self.requests_rejected.labels(reason=reason)
+        for result in RELOAD_RESULTS:
+            self.model_reloads.labels(result=result)
 
     def for_part(self, part: str) -> PartMetrics:
         """The children labelled with one model part."""
@@ -107,6 +117,9 @@ class Metrics:
         )
 
     def set_model_info(self, name: str, version: str, provider: str, latent_dim: int) -> None:
-        self.model_info.labels(name=name, version=version, provider=provider, latent_dim=str(latent_dim)).set(
-            1
-        )
+        """Show this model in vae_model_info, replacing the previously served one's series."""
+        labels = {"name": name, "version": version, "provider": provider, "latent_dim": str(latent_dim)}
+        if self._model_info_labels is not None and self._model_info_labels != labels:
+            self.model_info.remove(*self._model_info_labels.values())
+        self.model_info.labels(**labels).set(1)
+        self._model_info_labels = labels

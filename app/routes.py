@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Annotated, Any
 
 import numpy as np
@@ -10,6 +12,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.responses import Response
 
+from app.auth import MODEL_TAG
 from app.config import Settings
 from app.engine import Engine
 from app.errors import LimitExceeded, ModelNotReady, NonFiniteValues
@@ -28,6 +31,8 @@ from app.schemas import (
 )
 
 router = APIRouter()
+OPS_TAG = "operations"
+MODEL_VERSION_HEADER = "X-Model-Version"
 
 _IMAGE_UPLOAD_BODY: dict[str, Any] = {
     "requestBody": {
@@ -112,9 +117,20 @@ def ready_engine(request: Request) -> Engine:
     return engine
 
 
-def serving(request: Request) -> tuple[Engine, Settings]:
-    """The ready engine and the settings from app.state (a plain call: Depends costs ~20 us per request)."""
-    return ready_engine(request), request.app.state.settings
+@contextmanager
+def serving(request: Request) -> Iterator[tuple[Engine, Settings]]:
+    """The ready engine, held until the request is answered (a reload waits for it), and the settings.
+
+    A plain context manager: Depends costs ~20 us per request.
+    """
+    with ready_engine(request).in_use() as engine:
+        yield engine, request.app.state.settings
+
+
+def versioned(response: Response, engine: Engine) -> Response:
+    """Tell the caller which model version answered."""
+    response.headers[MODEL_VERSION_HEADER] = engine.version_label
+    return response
 
 
 async def _encode_uploads(
@@ -127,6 +143,7 @@ async def _encode_uploads(
 
 @router.post(
     "/encode",
+    tags=[MODEL_TAG],
     response_model=EncodeResponse,
     responses=_PROBLEMS,
     openapi_extra=_IMAGE_UPLOAD_BODY,
@@ -141,24 +158,26 @@ async def encode(
     sample: Annotated[bool, Query(description="Also draw z from each posterior.")] = False,
     seed: SeedQuery = None,
 ) -> Response:
-    engine, settings = serving(request)
-    mean, log_var = await _encode_uploads(request, engine, settings)
-    std = np.exp(np.float32(0.5) * log_var)
-    items: list[dict[str, Any]] = [
-        {"mean": m, "log_var": v, "std": s}
-        for m, v, s in zip(mean.tolist(), log_var.tolist(), std.tolist(), strict=True)
-    ]
-    if sample:
-        seed = pick_seed() if seed is None else seed
-        for item, z in zip(items, reparameterize(mean, log_var, seed).tolist(), strict=True):
-            item["z"] = z
-    return JSONResponse(
-        {"latent_dim": engine.manifest.latent_dim, "seed": seed if sample else None, "items": items}
-    )
+    with serving(request) as (engine, settings):
+        mean, log_var = await _encode_uploads(request, engine, settings)
+        std = np.exp(np.float32(0.5) * log_var)
+        items: list[dict[str, Any]] = [
+            {"mean": m, "log_var": v, "std": s}
+            for m, v, s in zip(mean.tolist(), log_var.tolist(), std.tolist(), strict=True)
+        ]
+        if sample:
+            seed = pick_seed() if seed is None else seed
+            for item, z in zip(items, reparameterize(mean, log_var, seed).tolist(), strict=True):
+                item["z"] = z
+        response = JSONResponse(
+            {"latent_dim": engine.manifest.latent_dim, "seed": seed if sample else None, "items": items}
+        )
+        return versioned(response, engine)
 
 
 @router.post(
     "/decode",
+    tags=[MODEL_TAG],
     response_model=ImagesResponse,
     responses=_IMAGE_RESPONSES,
     summary="Decode latent vectors to images",
@@ -168,15 +187,18 @@ async def decode(
     body: DecodeRequest,
     image_format: FormatQuery = "png",
 ) -> Response:
-    engine, settings = serving(request)
-    if len(body.latents) > settings.max_items_per_request:
-        raise LimitExceeded("the number of latent vectors", len(body.latents), settings.max_items_per_request)
-    latents = latents_array(body.latents, engine.manifest.latent_dim)
-    return await image_response(request, await engine.decode(latents), image_format)
+    with serving(request) as (engine, settings):
+        if len(body.latents) > settings.max_items_per_request:
+            raise LimitExceeded(
+                "the number of latent vectors", len(body.latents), settings.max_items_per_request
+            )
+        latents = latents_array(body.latents, engine.manifest.latent_dim)
+        return versioned(await image_response(request, await engine.decode(latents), image_format), engine)
 
 
 @router.get(
     "/sample",
+    tags=[MODEL_TAG],
     response_model=ImagesResponse,
     responses=_IMAGE_RESPONSES,
     summary="Generate images from the prior",
@@ -190,20 +212,22 @@ async def sample(
     temperature: Annotated[float, Query(ge=0, description="Scale of the prior's standard deviation.")] = 1.0,
     image_format: FormatQuery = "png",
 ) -> Response:
-    engine, settings = serving(request)
-    if n > settings.max_sample_n:
-        raise LimitExceeded("n", n, settings.max_sample_n)
-    if not np.isfinite(temperature):
-        raise NonFiniteValues(f"temperature is {temperature}; send a finite number")
-    if temperature > settings.max_temperature:
-        raise LimitExceeded("temperature", temperature, settings.max_temperature)
-    seed = pick_seed() if seed is None else seed
-    images = await engine.decode(sample_latents(n, engine.manifest.latent_dim, seed, temperature))
-    return await image_response(request, images, image_format, seed=seed, temperature=temperature)
+    with serving(request) as (engine, settings):
+        if n > settings.max_sample_n:
+            raise LimitExceeded("n", n, settings.max_sample_n)
+        if not np.isfinite(temperature):
+            raise NonFiniteValues(f"temperature is {temperature}; send a finite number")
+        if temperature > settings.max_temperature:
+            raise LimitExceeded("temperature", temperature, settings.max_temperature)
+        seed = pick_seed() if seed is None else seed
+        images = await engine.decode(sample_latents(n, engine.manifest.latent_dim, seed, temperature))
+        response = await image_response(request, images, image_format, seed=seed, temperature=temperature)
+        return versioned(response, engine)
 
 
 @router.post(
     "/reconstruct",
+    tags=[MODEL_TAG],
     response_model=ImagesResponse,
     responses=_IMAGE_RESPONSES,
     openapi_extra=_IMAGE_UPLOAD_BODY,
@@ -217,19 +241,21 @@ async def reconstruct(
     seed: SeedQuery = None,
     image_format: FormatQuery = "png",
 ) -> Response:
-    engine, settings = serving(request)
-    mean, log_var = await _encode_uploads(request, engine, settings)
-    latents = mean
-    if sample:
-        seed = pick_seed() if seed is None else seed
-        latents = reparameterize(mean, log_var, seed)
-    return await image_response(
-        request, await engine.decode(latents), image_format, seed=seed if sample else None
-    )
+    with serving(request) as (engine, settings):
+        mean, log_var = await _encode_uploads(request, engine, settings)
+        latents = mean
+        if sample:
+            seed = pick_seed() if seed is None else seed
+            latents = reparameterize(mean, log_var, seed)
+        response = await image_response(
+            request, await engine.decode(latents), image_format, seed=seed if sample else None
+        )
+        return versioned(response, engine)
 
 
 @router.post(
     "/interpolate",
+    tags=[MODEL_TAG],
     response_model=ImagesResponse,
     responses=_IMAGE_RESPONSES,
     openapi_extra=_INTERPOLATE_BODY,
@@ -239,61 +265,66 @@ async def reconstruct(
     + _CONVERSION_NOTE,
 )
 async def interpolate_route(request: Request, image_format: FormatQuery = "png") -> Response:
-    engine, settings = serving(request)
-    start, end, options = await read_interpolation(request)
-    if options.steps > settings.max_interpolation_steps:
-        raise LimitExceeded("steps", options.steps, settings.max_interpolation_steps)
-    endpoints: dict[str, np.ndarray] = {}
-    uploads: dict[str, bytes] = {}
-    for name, value in (("start", start), ("end", end)):
-        if isinstance(value, bytes):
-            uploads[name] = value
-        else:
-            endpoints[name] = latents_array([value], engine.manifest.latent_dim, name)[0]
-    if uploads:  # images are encoded to their posterior mean, in one batch
-        images = await images_to_array(list(uploads.values()), engine.manifest.image.shape, settings)
-        mean, _ = await engine.encode(images)
-        endpoints.update(zip(uploads, mean, strict=True))
-    frames = interpolate(endpoints["start"], endpoints["end"], options.steps, options.method)
-    return await image_response(
-        request, await engine.decode(frames), image_format, latents=frames.tolist(), method=options.method
-    )
+    with serving(request) as (engine, settings):
+        start, end, options = await read_interpolation(request)
+        if options.steps > settings.max_interpolation_steps:
+            raise LimitExceeded("steps", options.steps, settings.max_interpolation_steps)
+        endpoints: dict[str, np.ndarray] = {}
+        uploads: dict[str, bytes] = {}
+        for name, value in (("start", start), ("end", end)):
+            if isinstance(value, bytes):
+                uploads[name] = value
+            else:
+                endpoints[name] = latents_array([value], engine.manifest.latent_dim, name)[0]
+        if uploads:  # images are encoded to their posterior mean, in one batch
+            images = await images_to_array(list(uploads.values()), engine.manifest.image.shape, settings)
+            mean, _ = await engine.encode(images)
+            endpoints.update(zip(uploads, mean, strict=True))
+        frames = interpolate(endpoints["start"], endpoints["end"], options.steps, options.method)
+        response = await image_response(
+            request, await engine.decode(frames), image_format, latents=frames.tolist(), method=options.method
+        )
+        return versioned(response, engine)
 
 
-@router.get("/healthz", summary="Liveness: the process answers")
+@router.get("/healthz", tags=[OPS_TAG], summary="Liveness: the process answers")
 async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="Readiness: the model is loaded and warmed up", responses=_PROBLEMS)
+@router.get(
+    "/readyz", tags=[OPS_TAG], summary="Readiness: the model is loaded and warmed up", responses=_PROBLEMS
+)
 async def readyz(request: Request) -> dict[str, str]:
     ready_engine(request)
     return {"status": "ready"}
 
 
-@router.get("/model", summary="The served model's manifest, provider, batching and limits")
-async def model_info(request: Request) -> dict[str, Any]:
-    engine, settings = serving(request)
-    return {
-        "manifest": engine.manifest.model_dump(mode="json"),
-        "provider": engine.provider,
-        "providers": engine.providers,
-        "batching": settings.model_dump(include={"max_batch_size", "max_wait_ms", "max_queue_items"}),
-        "limits": settings.model_dump(
-            include={
-                "request_timeout_seconds",
-                "max_body_bytes",
-                "max_image_pixels",
-                "max_items_per_request",
-                "max_sample_n",
-                "max_interpolation_steps",
-                "max_temperature",
-            }
-        ),
-    }
+@router.get("/model", tags=[MODEL_TAG], summary="The served model's manifest, provider, batching and limits")
+async def model_info(request: Request, response: Response) -> dict[str, Any]:
+    with serving(request) as (engine, settings):
+        versioned(response, engine)
+        return {
+            "model": engine.version_label,
+            "manifest": engine.manifest.model_dump(mode="json"),
+            "provider": engine.provider,
+            "providers": engine.providers,
+            "batching": settings.model_dump(include={"max_batch_size", "max_wait_ms", "max_queue_items"}),
+            "limits": settings.model_dump(
+                include={
+                    "request_timeout_seconds",
+                    "max_body_bytes",
+                    "max_image_pixels",
+                    "max_items_per_request",
+                    "max_sample_n",
+                    "max_interpolation_steps",
+                    "max_temperature",
+                }
+            ),
+        }
 
 
-@router.get("/metrics", summary="Prometheus metrics of this process", response_class=Response)
+@router.get("/metrics", tags=[OPS_TAG], summary="Prometheus metrics of this process", response_class=Response)
 async def metrics(request: Request) -> Response:
     app_metrics: Metrics = request.app.state.metrics
     return Response(generate_latest(app_metrics.registry), media_type=CONTENT_TYPE_LATEST)

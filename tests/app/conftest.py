@@ -18,14 +18,14 @@ MNIST_LIKE = {"image_shape": (1, 28, 28), "latent_dim": 16, "widths": (8, 16), "
 RGB = {"image_shape": (3, 32, 32), "latent_dim": 8, "widths": (8, 16), "hidden_dim": 32}
 
 
-def _export(out_dir: Path, config: dict[str, Any], name: str) -> Path:
+def _export(out_dir: Path, config: dict[str, Any], name: str, seed: int = 0, version: str = "1") -> Path:
     import torch
 
     from model.export import export_untrained
     from model.vae import VaeConfig
 
     torch.set_num_threads(1)
-    export_untrained(out_dir, VaeConfig(**config), seed=0, name=name, version="1")
+    export_untrained(out_dir, VaeConfig(**config), seed=seed, name=name, version=version)
     return out_dir
 
 
@@ -33,6 +33,12 @@ def _export(out_dir: Path, config: dict[str, Any], name: str) -> Path:
 def mnist_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 1x28x28, 16-latent untrained model directory."""
     return _export(tmp_path_factory.mktemp("mnist-model"), MNIST_LIKE, "mnist-test")
+
+
+@pytest.fixture(scope="session")
+def mnist_model_v2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Version 2 of the mnist-test model: same shapes, other weights (seed 1), for reload tests."""
+    return _export(tmp_path_factory.mktemp("mnist-model-v2"), MNIST_LIKE, "mnist-test", seed=1, version="2")
 
 
 @pytest.fixture(scope="session")

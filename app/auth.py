@@ -1,0 +1,114 @@
+"""API-key authentication: which paths need the key, and a pure ASGI middleware that enforces it.
+
+Model endpoints need the key when one is configured; admin endpoints always do (403 while none is
+configured); operational endpoints (probes, metrics, docs) only with `protect_ops_endpoints`.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from pydantic import SecretStr
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from app.errors import AdminDisabled, Unauthorized, VaeError, problem_response
+
+Access = Literal["model", "admin", "ops"]
+MODEL_TAG, ADMIN_TAG = "model", "admin"
+BEARER_SCHEME, API_KEY_HEADER_SCHEME = "BearerAuth", "ApiKeyHeader"
+
+
+def route_access(routes: list[Any]) -> dict[str, Access]:
+    """Access level per route path, from the route's tags: "model", "admin", otherwise "ops"."""
+    levels: dict[str, Access] = {}
+    for route in routes:
+        path, tags = getattr(route, "path", None), getattr(route, "tags", None) or []
+        if isinstance(path, str):
+            levels[path] = "admin" if ADMIN_TAG in tags else "model" if MODEL_TAG in tags else "ops"
+    return levels
+
+
+def presented_keys(headers: Headers) -> list[str]:
+    """The keys a request presents: `Authorization: Bearer <key>` and/or `X-API-Key: <key>`."""
+    keys = []
+    scheme, _, credentials = headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and credentials.strip():
+        keys.append(credentials.strip())
+    if header_key := headers.get("x-api-key", "").strip():
+        keys.append(header_key)
+    return keys
+
+
+def key_matches(presented: list[str], api_key: SecretStr) -> bool:
+    """Constant-time comparison, so response timing does not reveal how much of a guess was right."""
+    expected = api_key.get_secret_value().encode()
+    matches = [hmac.compare_digest(key.encode(), expected) for key in presented]
+    return any(matches)
+
+
+class ApiKeyMiddleware:
+    """Refuse requests without the configured API key (401), and admin requests when none is set (403).
+
+    CORS preflights (OPTIONS) pass: browsers never send credentials with them.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        api_key: SecretStr | None,
+        protect_ops_endpoints: bool,
+        access: Mapping[str, Access],
+    ) -> None:
+        self.app = app
+        self.api_key = api_key
+        self.protect_ops_endpoints = protect_ops_endpoints
+        self.access = access
+
+    def required(self, path: str) -> bool:
+        level = self.access.get(path, "admin" if path.startswith("/admin/") else "ops")
+        if level == "admin":
+            return True
+        return self.api_key is not None and (level == "model" or self.protect_ops_endpoints)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] == "OPTIONS" or not self.required(scope["path"]):
+            await self.app(scope, receive, send)
+            return
+        error: VaeError | None = None
+        if self.api_key is None:
+            error = AdminDisabled()
+        else:
+            presented = presented_keys(Headers(scope=scope))
+            if not presented:
+                error = Unauthorized(
+                    "this endpoint needs the API key as 'Authorization: Bearer <key>' or 'X-API-Key: <key>'"
+                )
+            elif not key_matches(presented, self.api_key):
+                error = Unauthorized("the API key is not valid")
+        if error is None:
+            await self.app(scope, receive, send)
+            return
+        response = problem_response(error.status, error.title, error.detail, error.type, error.headers)
+        await response(scope, receive, send)
+
+
+def document_security(schema: dict[str, Any], api_key_set: bool, protect_ops_endpoints: bool) -> None:
+    """Add the two API-key schemes to an OpenAPI schema, and mark the operations that need them."""
+    components = schema.setdefault("components", {})
+    components["securitySchemes"] = {
+        BEARER_SCHEME: {"type": "http", "scheme": "bearer", "description": "Authorization: Bearer <key>"},
+        API_KEY_HEADER_SCHEME: {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+    }
+    either: list[dict[str, list[str]]] = [{BEARER_SCHEME: []}, {API_KEY_HEADER_SCHEME: []}]
+    for operations in schema.get("paths", {}).values():
+        for operation in operations.values():
+            tags = operation.get("tags", [])
+            if (
+                ADMIN_TAG in tags
+                or (api_key_set and MODEL_TAG in tags)
+                or (api_key_set and protect_ops_endpoints)
+            ):
+                operation["security"] = either
