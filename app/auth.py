@@ -6,6 +6,7 @@ configured); operational endpoints (probes, metrics, docs) only with `protect_op
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 from collections.abc import Mapping
 from typing import Any, Literal
@@ -43,9 +44,9 @@ def presented_keys(headers: Headers) -> list[str]:
 
 
 def key_matches(presented: list[str], api_key: SecretStr) -> bool:
-    """Constant-time comparison, so response timing does not reveal how much of a guess was right."""
-    expected = api_key.get_secret_value().encode()
-    matches = [hmac.compare_digest(key.encode(), expected) for key in presented]
+    """Constant-time comparison of equal-length digests: timing reveals neither a prefix nor the length."""
+    expected = hashlib.sha256(api_key.get_secret_value().encode()).digest()
+    matches = [hmac.compare_digest(hashlib.sha256(key.encode()).digest(), expected) for key in presented]
     return any(matches)
 
 

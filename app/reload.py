@@ -44,7 +44,7 @@ class ModelReloader:
             settings = self.settings.model_copy(update={"model_dir": target})
             try:
                 engine = await asyncio.to_thread(Engine.load, settings)
-            except (ManifestError, StartupError) as error:
+            except (ManifestError, StartupError, OSError) as error:  # OSError: unreadable files
                 self.metrics.model_reloads.labels(result="failure").inc()
                 logger.error(
                     "model reload from %s failed, the previous model keeps serving: %s", target, error
