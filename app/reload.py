@@ -49,7 +49,9 @@ class ModelReloader:
                 logger.error(
                     "model reload from %s failed, the previous model keeps serving: %s", target, error
                 )
-                raise ReloadFailed(target, str(error)) from error
+                # The caller sees a directory only if they named it; the log keeps the server's paths.
+                shown = str(model_dir) if model_dir is not None else "the configured model directory"
+                raise ReloadFailed(shown, str(error).replace(str(target), shown)) from error
             engine.start(self.settings, self.metrics)
             previous: Engine | None = self.app.state.engine
             self.app.state.engine = engine

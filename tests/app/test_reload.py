@@ -133,6 +133,22 @@ def test_corrupted_model_dir_is_refused_and_the_old_model_keeps_serving(
     )
 
 
+def test_a_failed_reload_of_the_configured_dir_does_not_reveal_its_path(
+    make_settings: Callable[..., Settings], mnist_model_dir: Path, tmp_path: Path
+) -> None:
+    served_dir = shutil.copytree(mnist_model_dir, tmp_path / "served")
+    settings = make_settings(served_dir, api_key=KEY, max_wait_ms=0)
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        (served_dir / "decoder.onnx").unlink()
+        refused = client.post("/admin/reload", headers=ADMIN)
+    assert refused.status_code == 422
+    assert refused.json()["detail"] == (
+        "cannot serve the model in the configured model directory: decoder file decoder.onnx named in the "
+        "manifest is missing from the configured model directory; the previous model keeps serving"
+    )
+    assert str(tmp_path) not in refused.text
+
+
 @pytest.fixture
 def client_with_key(v1_settings: Settings) -> Iterator[TestClient]:
     with TestClient(create_app(v1_settings), raise_server_exceptions=False) as client:
