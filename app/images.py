@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import io
 import math
+import struct
 import warnings
 
 import numpy as np
@@ -25,6 +26,20 @@ RESAMPLING_FILTER = Image.Resampling.BILINEAR
 GRID_PADDING_PIXELS = 2
 # Fast zlib level: model outputs are small and the bytes are sent once; the pixels are identical at any level.
 PNG_COMPRESS_LEVEL = 1
+# What Pillow's format plugins raise on malformed data, depending on the plugin and where the damage is
+# (e.g. ValueError for a short PNG IHDR chunk, TypeError for TIFF tags of the wrong type). Uploads are
+# untrusted, so every one of these means "corrupt image", never a server error.
+PILLOW_DATA_ERRORS = (
+    OSError,
+    SyntaxError,
+    ValueError,
+    TypeError,
+    EOFError,
+    IndexError,
+    KeyError,
+    ZeroDivisionError,
+    struct.error,
+)
 
 
 _SIGNATURES = (
@@ -60,7 +75,7 @@ def read_image_header(data: bytes, max_image_pixels: int) -> Image.Image:
         ) from None
     except Image.DecompressionBombError as error:
         raise ImageTooLarge.from_message(f"{error}; at most {max_image_pixels} pixels are allowed") from None
-    except OSError as error:
+    except PILLOW_DATA_ERRORS as error:
         raise CorruptImage(f"the image header cannot be read: {error}") from None
     width, height = image.size
     if width * height > max_image_pixels:
@@ -74,7 +89,7 @@ def to_model_array(image: Image.Image, channels: int, height: int, width: int) -
     """Decode and convert one opened image to (C, H, W) float32 in [0, 1]."""
     try:
         image.load()
-    except (OSError, SyntaxError, ValueError) as error:  # Pillow reports truncated or corrupt data this way
+    except PILLOW_DATA_ERRORS as error:
         raise CorruptImage(f"the image data is corrupt or truncated: {error}") from None
     if image.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16-bit grayscale: scale to 8 bits, don't clip
         wide = np.asarray(image, dtype=np.float64)

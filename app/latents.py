@@ -52,19 +52,24 @@ def reparameterize(mean: np.ndarray, log_var: np.ndarray, seed: int) -> np.ndarr
 def interpolate(start: np.ndarray, end: np.ndarray, steps: int, method: InterpolationMethod) -> np.ndarray:
     """`steps` frames (steps, L) float32 from start to end, both included exactly.
 
-    slerp follows the great circle between the directions (scaling the norms along), and falls back to linear
-    when the vectors are (anti)parallel or zero, where the great circle is undefined.
+    slerp moves the direction along the great circle at constant angular speed while the norm changes
+    linearly from |start| to |end|, so every frame's norm lies between the endpoints' norms. It falls back to
+    linear when the vectors are (anti)parallel or zero, where the great circle is undefined.
     """
     a = start.astype(np.float64)
     b = end.astype(np.float64)
     t = np.linspace(0.0, 1.0, steps)[:, np.newaxis]
     if method == "slerp":
-        norms = np.linalg.norm(a) * np.linalg.norm(b)
-        if norms > 0:
-            angle = np.arccos(np.clip(np.dot(a, b) / norms, -1.0, 1.0))
+        norm_a, norm_b = np.linalg.norm(a), np.linalg.norm(b)
+        if norm_a > 0 and norm_b > 0:
+            unit_a, unit_b = a / norm_a, b / norm_b
+            angle = np.arccos(np.clip(np.dot(unit_a, unit_b), -1.0, 1.0))
             sine = np.sin(angle)
             if sine > PARALLEL_SINE_TOLERANCE:
-                frames = (np.sin((1 - t) * angle) * a + np.sin(t * angle) * b) / sine
+                directions = (np.sin((1 - t) * angle) * unit_a + np.sin(t * angle) * unit_b) / sine
+                # Unit length in exact arithmetic; renormalising removes the rounding near antiparallel.
+                directions /= np.linalg.norm(directions, axis=1, keepdims=True)
+                frames = ((1 - t) * norm_a + t * norm_b) * directions
                 return _pin_endpoints(frames.astype(np.float32), start, end)
     return _pin_endpoints(((1 - t) * a + t * b).astype(np.float32), start, end)
 

@@ -10,6 +10,15 @@ from app.latents import InterpolationMethod
 
 ImageFormat = Literal["png", "array"]
 
+# Real 28x28 PNGs in base64 for the docs' examples: a "1" and a "7".
+_PNG_ONE_EXAMPLE = (
+    "iVBORw0KGgoAAAANSUhEUgAAABwAAAAcCAAAAABXZoBIAAAAHElEQVR42mNgGGSAEZnzH02ACZ/OUcnhJTnoAADJzQEk0SCz"
+    "1QAAAABJRU5ErkJggg=="
+)
+_PNG_SEVEN_EXAMPLE = (
+    "iVBORw0KGgoAAAANSUhEUgAAABwAAAAcCAAAAABXZoBIAAAAO0lEQVR42mNgGGSAEUr/xybKhE8n+ZKMGCL/ybUTSSNpOpE1"
+    "kqQTRSMpOlE1kqATTSPxOtE14tc56AAAsxYIIyduv6UAAAAASUVORK5CYII="
+)
 _LATENT_EXAMPLE: list[Any] = [
     0.12,
     -1.3,
@@ -58,7 +67,12 @@ class InterpolateRequest(InterpolateOptions):
                     "steps": 8,
                     "method": "slerp",
                 },
-                {"start": "iVBORw0KGgo...", "end": "iVBORw0KGgo...", "steps": 5, "method": "linear"},
+                {
+                    "start": _PNG_ONE_EXAMPLE,
+                    "end": _PNG_SEVEN_EXAMPLE,
+                    "steps": 5,
+                    "method": "linear",
+                },
             ]
         }
     )

@@ -1,7 +1,7 @@
 """Schemathesis against the service's own OpenAPI schema: no 5xx, every response one the schema documents.
 
 The app under test serves the small 1x28x28 model with tight limits, so generated requests stay cheap on a
-shared machine. Findings that are real bugs are pinned below as strict xfail tests until app/ fixes them.
+shared machine. The bugs it found are pinned below as regression tests.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import schemathesis
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import (
-    CheckContext,
     content_type_conformance,
     not_a_server_error,
     response_schema_conformance,
@@ -44,15 +43,6 @@ def api_schema(mnist_model_dir: Path, make_settings: Callable[..., Settings]) ->
     return schemathesis.openapi.from_asgi("/openapi.json", app)
 
 
-def documented_status_code(
-    ctx: CheckContext, response: schemathesis.Response, case: schemathesis.Case
-) -> bool | None:
-    """status_code_conformance, minus the bug test_decode_non_utf8_json_body_is_a_documented_422 pins."""
-    if case.operation.path == "/decode" and response.status_code == 400:
-        return None
-    return status_code_conformance(ctx, response, case)
-
-
 schema = schemathesis.pytest.from_fixture("api_schema")
 
 
@@ -64,30 +54,19 @@ def test_no_server_error_and_every_response_matches_the_schema(case: schemathesi
     case.call_and_validate(
         checks=[
             not_a_server_error,
-            documented_status_code,
+            status_code_conformance,
             content_type_conformance,
             response_schema_conformance,
         ]
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="POST /decode with a non-UTF-8 application/json body answers FastAPI's undocumented 400 "
-    "'There was an error parsing the body' (type about:blank), not the 422 invalid-request that "
-    "/interpolate gives",
-)
 def test_decode_non_utf8_json_body_is_a_documented_422(client: TestClient) -> None:
     response = client.post("/decode", content=b"\xff", headers={"Content-Type": "application/json"})
     assert response.status_code == 422
     assert response.json()["type"] == "urn:vae-service:problem:invalid-request"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Pillow's ValueError (PNG with a 4-byte IHDR chunk) and TypeError (TIFF with ASCII StripOffsets) "
-    "escape app/images.py, so /encode answers 500 instead of a 422 corrupt-image problem",
-)
 @pytest.mark.parametrize(
     ("content_type", "data"),
     [("image/png", PNG_TRUNCATED_IHDR), ("image/tiff", TIFF_TEXT_STRIP_OFFSETS)],
@@ -101,11 +80,6 @@ def test_encode_answers_a_damaged_image_with_a_422_problem(
     assert response.json()["type"] == "urn:vae-service:problem:corrupt-image"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the OpenAPI document's second /interpolate example has start/end 'iVBORw0KGgo...', which is not "
-    "base64, so the documented example is answered 422 invalid-request",
-)
 def test_every_documented_interpolate_example_is_accepted(client: TestClient) -> None:
     operation = client.app.openapi()["paths"]["/interpolate"]["post"]  # type: ignore[attr-defined]
     examples = operation["requestBody"]["content"]["application/json"]["schema"]["examples"]
