@@ -1,0 +1,270 @@
+"""A real `vae-serve` at four times its capacity: results, 503s or 504s only, fast /healthz, bounded memory.
+
+The soak lasts VAE_SOAK_SECONDS (default 60). Run with `-s` to see the measured numbers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.app.test_server import metric, start_server, stop_server
+
+pytestmark = pytest.mark.slow
+
+SOAK_SECONDS = float(os.environ.get("VAE_SOAK_SECONDS", "60"))
+OVERLOAD_FACTOR = 4
+CAPACITY_SECONDS = 3
+CAPACITY_CONNECTIONS = 8
+SEEDS = range(16)
+CLIENT_TIMEOUT_SECONDS = 10  # a request unanswered this long counts as a hang
+MAX_OPEN_REQUESTS = 512  # the load generator skips a launch rather than open more
+LOAD_CLIENTS = 32
+HEALTH_PROBE_INTERVAL_SECONDS = 0.1
+HEALTH_P99_LIMIT_SECONDS = 1.0
+RSS_SAMPLE_INTERVAL_SECONDS = 0.2
+RSS_LIMIT_BYTES = 600 * 1024 * 1024
+DRAIN_DEADLINE_SECONDS = 15
+RECOVERED_FRACTION = 0.5
+QUEUE_DEPTH = 'vae_queue_depth{part="decoder"}'
+SAMPLE_DURATION_COUNT = 'vae_request_duration_seconds_count{endpoint="/sample"}'
+SAMPLE_UNDER_2_5_SECONDS = 'vae_request_duration_seconds_bucket{endpoint="/sample",le="2.5"}'
+SERVER_FLAGS = ("--max-queue-items", "256", "--request-timeout-seconds", "2")
+
+
+def sample_path(seed: int) -> str:
+    return f"/sample?n=4&seed={seed}&format=array"
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+@dataclass
+class Overload:
+    """What the open-loop generator saw: statuses, 200 latencies, wrong bodies, hangs, skipped launches."""
+
+    statuses: Counter[int] = field(default_factory=Counter)
+    ok_latencies_seconds: list[float] = field(default_factory=list)
+    wrong_bodies: int = 0
+    transport_errors: Counter[str] = field(default_factory=Counter)
+    skipped: int = 0
+    launched: int = 0
+    elapsed_seconds: float = 0.0
+
+
+@dataclass
+class HealthProbes:
+    """Every /healthz probe's latency, and its failures (non-200 statuses, transport errors) by kind."""
+
+    latencies_seconds: list[float] = field(default_factory=list)
+    failures: Counter[str] = field(default_factory=Counter)
+
+
+@dataclass
+class ServerProcess:
+    """The server's largest resident set size seen by the sampler."""
+
+    peak_rss_bytes: int = 0
+
+
+async def closed_loop_rate(
+    base_url: str, seconds: float, expected: dict[int, bytes]
+) -> tuple[float, Counter[int]]:
+    """Results per second from a few connections, each sending its next request once the last is answered."""
+    statuses: Counter[int] = Counter()
+    completed = 0
+    limits = httpx.Limits(max_connections=CAPACITY_CONNECTIONS)
+    async with httpx.AsyncClient(base_url=base_url, timeout=CLIENT_TIMEOUT_SECONDS, limits=limits) as client:
+        started = time.monotonic()
+        stop_at = started + seconds
+
+        async def connection(first_seed: int) -> None:
+            nonlocal completed
+            seed = first_seed
+            while time.monotonic() < stop_at:
+                response = await client.get(sample_path(seed))
+                statuses[response.status_code] += 1
+                if response.status_code == 200:
+                    assert response.content == expected[seed], f"wrong result for seed {seed}"
+                    completed += 1
+                seed = (seed + 1) % len(SEEDS)
+
+        await asyncio.gather(*(connection(index) for index in range(CAPACITY_CONNECTIONS)))
+        return completed / (time.monotonic() - started), statuses
+
+
+async def open_loop(base_url: str, rate: float, seconds: float, expected: dict[int, bytes]) -> Overload:
+    """Launch `rate` requests per second on a schedule, whether or not earlier ones have been answered.
+
+    The open requests are spread over several small clients: one httpx pool with hundreds of connections
+    costs the client more CPU than the server it is meant to overload.
+    """
+    seen = Overload()
+    per_client = MAX_OPEN_REQUESTS // LOAD_CLIENTS
+    limits = httpx.Limits(max_connections=per_client, max_keepalive_connections=per_client)
+    clients = [
+        httpx.AsyncClient(base_url=base_url, timeout=CLIENT_TIMEOUT_SECONDS, limits=limits)
+        for _ in range(LOAD_CLIENTS)
+    ]
+    open_requests: list[set[asyncio.Task[None]]] = [set() for _ in clients]
+
+    async def one_request(client: httpx.AsyncClient, seed: int) -> None:
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(CLIENT_TIMEOUT_SECONDS):
+                response = await client.get(sample_path(seed))
+        except TimeoutError:
+            seen.transport_errors["no answer within the client timeout"] += 1
+            return
+        except httpx.TransportError as error:
+            seen.transport_errors[type(error).__name__] += 1
+            return
+        seen.statuses[response.status_code] += 1
+        if response.status_code == 200:
+            seen.ok_latencies_seconds.append(time.monotonic() - started)
+            seen.wrong_bodies += response.content != expected[seed]
+
+    try:
+        started = time.monotonic()
+        for index in range(int(rate * seconds)):
+            delay = started + index / rate - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            least_busy = min(range(len(clients)), key=lambda number: len(open_requests[number]))
+            if len(open_requests[least_busy]) >= per_client:
+                seen.skipped += 1
+                continue
+            task = asyncio.create_task(one_request(clients[least_busy], SEEDS[index % len(SEEDS)]))
+            open_requests[least_busy].add(task)
+            task.add_done_callback(open_requests[least_busy].discard)
+            seen.launched += 1
+        seen.elapsed_seconds = time.monotonic() - started
+        still_open = set().union(*open_requests)
+        if still_open:
+            await asyncio.wait(still_open, timeout=CLIENT_TIMEOUT_SECONDS + 5)
+    finally:
+        for client in clients:
+            await client.aclose()
+    return seen
+
+
+def probe_health(base_url: str, stop: threading.Event, seen: HealthProbes) -> None:
+    """GET /healthz every HEALTH_PROBE_INTERVAL_SECONDS from its own thread, off the load's event loop."""
+    with httpx.Client(base_url=base_url, timeout=CLIENT_TIMEOUT_SECONDS) as client:
+        while not stop.is_set():
+            started = time.monotonic()
+            try:
+                response = client.get("/healthz")
+                if response.status_code != 200:
+                    seen.failures[f"status {response.status_code}"] += 1
+            except httpx.TransportError as error:
+                seen.failures[type(error).__name__] += 1
+            seen.latencies_seconds.append(time.monotonic() - started)
+            stop.wait(HEALTH_PROBE_INTERVAL_SECONDS)
+
+
+def sample_rss(pid: int, stop: threading.Event, seen: ServerProcess) -> None:
+    """Record the server's peak resident set size (VmRSS in /proc/<pid>/status) until `stop` is set."""
+    while True:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                seen.peak_rss_bytes = max(seen.peak_rss_bytes, int(line.split()[1]) * 1024)
+        if stop.wait(RSS_SAMPLE_INTERVAL_SECONDS):
+            return
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time the process has used so far (/proc/<pid>/stat fields 14 and 15)."""
+    user_ticks, system_ticks = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[11:13]
+    return (int(user_ticks) + int(system_ticks)) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_until_drained(base_url: str) -> None:
+    deadline = time.monotonic() + DRAIN_DEADLINE_SECONDS
+    while metric(base_url, QUEUE_DEPTH) != 0:
+        assert time.monotonic() < deadline, f"the queue did not drain within {DRAIN_DEADLINE_SECONDS} s"
+        time.sleep(0.05)  # poll interval
+
+
+def test_four_times_capacity_gives_results_or_503_504_and_recovers(tmp_path: Path) -> None:
+    process, base_url, log = start_server(tmp_path, *SERVER_FLAGS)
+    try:
+        # Correct results first, one request per seed with the server otherwise idle.
+        expected = {seed: httpx.get(base_url + sample_path(seed), timeout=30).content for seed in SEEDS}
+        capacity_per_second, capacity_statuses = asyncio.run(
+            closed_loop_rate(base_url, CAPACITY_SECONDS, expected)
+        )
+        assert set(capacity_statuses) == {200}, capacity_statuses
+        offered_per_second = OVERLOAD_FACTOR * capacity_per_second
+
+        stop = threading.Event()
+        health, server = HealthProbes(), ServerProcess()
+        watchers = [
+            threading.Thread(target=probe_health, args=(base_url, stop, health)),
+            threading.Thread(target=sample_rss, args=(process.pid, stop, server)),
+        ]
+        for watcher in watchers:
+            watcher.start()
+        cpu_seconds_before, soak_started = cpu_seconds(process.pid), time.monotonic()
+        client_cpu_seconds_before = time.process_time()
+        try:
+            overload = asyncio.run(open_loop(base_url, offered_per_second, SOAK_SECONDS, expected))
+        finally:
+            stop.set()
+            for watcher in watchers:
+                watcher.join()
+        server_cpu_share = (cpu_seconds(process.pid) - cpu_seconds_before) / (time.monotonic() - soak_started)
+        client_cpu_share = (time.process_time() - client_cpu_seconds_before) / (
+            time.monotonic() - soak_started
+        )
+        over_2_5_seconds = metric(base_url, SAMPLE_DURATION_COUNT) - metric(
+            base_url, SAMPLE_UNDER_2_5_SECONDS
+        )
+        wait_until_drained(base_url)
+        recovered_per_second, recovered_statuses = asyncio.run(
+            closed_loop_rate(base_url, CAPACITY_SECONDS, expected)
+        )
+    finally:
+        stop_server(process, log)
+
+    ok_seconds, health_seconds = overload.ok_latencies_seconds, health.latencies_seconds
+    print(
+        f"\noverload summary ({SOAK_SECONDS:.0f} s soak, vae-serve {' '.join(SERVER_FLAGS)}):"
+        f"\n  capacity {capacity_per_second:.0f} req/s (closed loop, {CAPACITY_CONNECTIONS} connections);"
+        f" offered {offered_per_second:.0f} req/s: launched {overload.launched},"
+        f" skipped {overload.skipped} at {MAX_OPEN_REQUESTS} open"
+        f"\n  statuses {dict(sorted(overload.statuses.items()))}"
+        f" ({overload.statuses[200] / overload.elapsed_seconds:.0f} results/s),"
+        f" client timeouts/transport errors {dict(overload.transport_errors)},"
+        f" wrong results {overload.wrong_bodies}"
+        f"\n  200 latency p50 {percentile(ok_seconds, 0.5) * 1000:.0f} ms,"
+        f" p99 {percentile(ok_seconds, 0.99) * 1000:.0f} ms, max {max(ok_seconds, default=0) * 1000:.0f} ms"
+        f" (server-side /sample durations over 2.5 s: {over_2_5_seconds:.0f})"
+        f"\n  /healthz {len(health_seconds)} probes: p50 {percentile(health_seconds, 0.5) * 1000:.1f} ms,"
+        f" p99 {percentile(health_seconds, 0.99) * 1000:.1f} ms, max {max(health_seconds) * 1000:.1f} ms,"
+        f" failures {dict(health.failures)}"
+        f"\n  server peak RSS {server.peak_rss_bytes / 2**20:.0f} MiB, CPU {server_cpu_share:.0%} of a core"
+        f" (load generator {client_cpu_share:.0%})"
+        f"\n  recovery {recovered_per_second:.0f} req/s ({recovered_per_second / capacity_per_second:.0%}"
+        f" of capacity), statuses {dict(recovered_statuses)}"
+    )
+    assert not overload.transport_errors, f"hangs or dropped connections: {overload.transport_errors}"
+    assert overload.statuses.total() == overload.launched, "every launched request got an answer"
+    assert set(overload.statuses) <= {200, 503, 504}, overload.statuses
+    assert overload.wrong_bodies == 0
+    assert overload.statuses[200] > 0 and overload.statuses[503] > 0, f"not overloaded: {overload.statuses}"
+    assert not health.failures, health.failures
+    assert percentile(health_seconds, 0.99) < HEALTH_P99_LIMIT_SECONDS
+    assert server.peak_rss_bytes < RSS_LIMIT_BYTES
+    assert set(recovered_statuses) == {200}, recovered_statuses
+    assert recovered_per_second >= RECOVERED_FRACTION * capacity_per_second
