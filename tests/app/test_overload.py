@@ -25,8 +25,11 @@ OVERLOAD_FACTOR = 4
 CAPACITY_SECONDS = 3
 CAPACITY_CONNECTIONS = 8
 SEEDS = range(16)
+# Idle pooled connections are dropped well before uvicorn's 5 s keep-alive timeout: otherwise the client can
+# send on a connection the server is closing (an httpx RemoteProtocolError for a request never received).
+KEEPALIVE_EXPIRY_SECONDS = 1.0
 CLIENT_TIMEOUT_SECONDS = 10  # a request unanswered this long counts as a hang
-MAX_OPEN_REQUESTS = 512  # the load generator skips a launch rather than open more
+MAX_OPEN_REQUESTS = 256  # the load generator skips a launch rather than open more (bounds the accept backlog)
 LOAD_CLIENTS = 32
 HEALTH_PROBE_INTERVAL_SECONDS = 0.1
 HEALTH_P99_LIMIT_SECONDS = 1.0
@@ -83,7 +86,7 @@ async def closed_loop_rate(
     """Results per second from a few connections, each sending its next request once the last is answered."""
     statuses: Counter[int] = Counter()
     completed = 0
-    limits = httpx.Limits(max_connections=CAPACITY_CONNECTIONS)
+    limits = httpx.Limits(max_connections=CAPACITY_CONNECTIONS, keepalive_expiry=KEEPALIVE_EXPIRY_SECONDS)
     async with httpx.AsyncClient(base_url=base_url, timeout=CLIENT_TIMEOUT_SECONDS, limits=limits) as client:
         started = time.monotonic()
         stop_at = started + seconds
@@ -111,7 +114,11 @@ async def open_loop(base_url: str, rate: float, seconds: float, expected: dict[i
     """
     seen = Overload()
     per_client = MAX_OPEN_REQUESTS // LOAD_CLIENTS
-    limits = httpx.Limits(max_connections=per_client, max_keepalive_connections=per_client)
+    limits = httpx.Limits(
+        max_connections=per_client,
+        max_keepalive_connections=per_client,
+        keepalive_expiry=KEEPALIVE_EXPIRY_SECONDS,
+    )
     clients = [
         httpx.AsyncClient(base_url=base_url, timeout=CLIENT_TIMEOUT_SECONDS, limits=limits)
         for _ in range(LOAD_CLIENTS)
