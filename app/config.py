@@ -56,7 +56,8 @@ class Settings(BaseSettings):
         ),
     )
     max_queue_items: int = Field(
-        default=1024,
+        # 64 clients each decoding 64 latents must queue, not be shed: 4096 small items cost little memory.
+        default=4096,
         ge=1,
         description=(
             "At most this many items may wait for the encoder (and, separately, for the decoder); a request "

@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     load = make_load_generator(args.load_tool)
     machine = machine_info(load.name)
     max_batch_size, max_wait_ms, log_level = service_settings()
-    started_at = datetime.now(timezone.utc)
+    started_at = datetime.now(UTC)
     with (
         model_directory(args.model_dir) as model_dir,
         contextlib.ExitStack() as stack,
@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     report = {
         "started_at": started_at.isoformat(),
-        "finished_at": datetime.now(timezone.utc).isoformat(),
+        "finished_at": datetime.now(UTC).isoformat(),
         "machine": machine,
         "model": {"name": manifest.name, "version": manifest.version, "dir": str(model_dir)},
         "settings": {
