@@ -165,15 +165,12 @@ def _http_error_detail(request: Request, error: HTTPException) -> str:
 async def handle_http_error(request: Request, error: Exception) -> Response:
     """Render a VaeError or any Starlette/FastAPI HTTPException as problem JSON."""
     assert isinstance(error, HTTPException)
+    if error.status_code == 400 and isinstance(error.__cause__, UnicodeDecodeError):
+        # FastAPI answers a JSON body that is not UTF-8 with a bare 400; it is as invalid as any bad JSON.
+        error = InvalidRequest(f"the body is not valid JSON: it is not UTF-8 text ({error.__cause__.reason})")
     if isinstance(error, VaeError):
         return problem_response(error.status, error.title, error.detail, error.type, error.headers)
     status = error.status_code
-    if status == 400 and isinstance(error.__cause__, UnicodeDecodeError):
-        # FastAPI answers a JSON body that is not UTF-8 with a bare 400; it is as invalid as any bad JSON.
-        invalid = InvalidRequest(
-            f"the body is not valid JSON: it is not UTF-8 text ({error.__cause__.reason})"
-        )
-        return problem_response(invalid.status, invalid.title, invalid.detail, invalid.type)
     return problem_response(
         status, HTTPStatus(status).phrase, _http_error_detail(request, error), headers=error.headers
     )
