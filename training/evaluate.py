@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from model.loss import Likelihood, gaussian_kl, reconstruction_nll
-from model.vae import VAE
+from model.vae import VAE, reparameterize
 
 ACTIVE_UNIT_THRESHOLD = 0.01
 _BATCH_SIZE = 250
@@ -48,7 +48,7 @@ def negative_elbo(
         mean, log_var = vae.encode(batch)
         kl_total += float(gaussian_kl(mean, log_var).sum())
         for _ in range(samples):
-            z = mean + torch.exp(0.5 * log_var) * torch.randn(mean.shape, generator=generator)
+            z = reparameterize(mean, log_var, generator)
             nll = reconstruction_nll(vae.decode(z), batch, likelihood, gaussian_std)
             reconstruction_total += float(nll.sum()) / samples
     count = len(images)
