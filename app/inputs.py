@@ -12,43 +12,85 @@ import numpy as np
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
-from starlette.datastructures import FormData, UploadFile
+from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
 from app.config import Settings
 from app.errors import InvalidRequest, LimitExceeded, UnsupportedMediaType, VaeError
 from app.images import read_image_header, to_model_batch
+from app.multipart import boundary_of, parse_form
 from app.schemas import InterpolateOptions, InterpolateRequest
 
 # Uploads up to this many pixels (about a millisecond of decoding) are converted on the event loop, where a
 # thread hop would cost more than the work; larger ones in a worker thread, so the loop keeps serving.
 INLINE_DECODE_MAX_PIXELS = 512 * 512
 IMAGE_FIELDS = ("file", "files")
+MAX_FORM_FIELDS = 16
+# A multipart body's values by field name: file uploads as bytes, text fields as str.
+FormValues = dict[str, list[bytes | str]]
 
 
 def media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
 
 
-async def read_form(request: Request, max_files: int) -> FormData:
-    """Parse a multipart body; Starlette's 400s (too many files, malformed body) become 422 problems."""
+async def read_form(request: Request, max_files: int) -> FormValues:
+    """A multipart body's values by field name, in order: uploads as bytes, text fields as str.
+
+    Plain bodies are split by app.multipart in microseconds; any other goes through Starlette's parser,
+    whose 400s (too many files, malformed body) become 422 problems.
+    """
+    boundary = boundary_of(request.headers.get("content-type", ""))
+    parts = parse_form(await request.body(), boundary) if boundary is not None else None
+    if parts is not None:
+        files = sum(filename is not None for _, filename, _ in parts)
+        if files <= max_files and len(parts) - files <= MAX_FORM_FIELDS:
+            values: FormValues = {}
+            for name, filename, content in parts:
+                values.setdefault(name, []).append(content if filename is not None else _text(content))
+            return values
     try:
-        return await request.form(max_files=max_files, max_fields=16)
+        form = await request.form(max_files=max_files, max_fields=MAX_FORM_FIELDS)
     except VaeError:  # e.g. RequestTooLarge while streaming the body: already the right answer
         raise
     except HTTPException as error:
         if "Too many files" in str(error.detail):
             raise LimitExceeded("the number of uploaded files", f"more than {max_files}", max_files) from None
         raise InvalidRequest(f"the multipart body cannot be parsed: {error.detail}") from None
+    values = {}
+    for name, value in form.multi_items():
+        values.setdefault(name, []).append(await value.read() if isinstance(value, UploadFile) else value)
+    await form.close()
+    return values
 
 
-async def upload_bytes(form: FormData, field: str) -> list[bytes]:
+def _text(content: bytes) -> str:
+    """A text field's value, decoded as Starlette does: UTF-8, else Latin-1."""
+    try:
+        return content.decode()
+    except UnicodeDecodeError:
+        return content.decode("latin-1")
+
+
+def upload_bytes(form: FormValues, field: str) -> list[bytes]:
     blobs = []
-    for value in form.getlist(field):
-        if not isinstance(value, UploadFile):
+    for value in form.get(field, []):
+        if not isinstance(value, bytes):
             raise InvalidRequest(f"multipart field {field!r} must be a file upload, not a text field")
-        blobs.append(await value.read())
+        blobs.append(value)
     return blobs
+
+
+def text_fields(form: FormValues, fields: tuple[str, ...]) -> dict[str, str]:
+    """The last value of each of `fields` that the form has; they must be text, not file uploads."""
+    values = {}
+    for field in fields:
+        if field in form:
+            value = form[field][-1]
+            if not isinstance(value, str):
+                raise InvalidRequest(f"multipart field {field!r} must be a text field, not a file upload")
+            values[field] = value
+    return values
 
 
 async def read_image_blobs(request: Request, settings: Settings) -> list[bytes]:
@@ -57,7 +99,7 @@ async def read_image_blobs(request: Request, settings: Settings) -> list[bytes]:
     limit = settings.max_items_per_request
     if kind == "multipart/form-data":
         form = await read_form(request, limit)
-        blobs = [blob for field in IMAGE_FIELDS for blob in await upload_bytes(form, field)]
+        blobs = [blob for field in IMAGE_FIELDS for blob in upload_bytes(form, field)]
         if not blobs:
             raise InvalidRequest(
                 "the multipart body has no image; send it as field 'file' (several as 'files')"
@@ -106,12 +148,11 @@ async def read_interpolation(request: Request) -> tuple[Endpoint, Endpoint, Inte
         form = await read_form(request, 2)
         endpoints: list[Endpoint] = []
         for field in ("start", "end"):
-            blobs = await upload_bytes(form, field)
+            blobs = upload_bytes(form, field)
             if len(blobs) != 1:
                 raise InvalidRequest(f"the multipart body needs exactly one file in field {field!r}")
             endpoints.append(blobs[0])
-        fields: dict[str, Any] = {key: form[key] for key in ("steps", "method") if key in form}
-        options = _validate(InterpolateOptions, fields)
+        options = _validate(InterpolateOptions, text_fields(form, ("steps", "method")))
         return endpoints[0], endpoints[1], options
     if kind in ("application/json", ""):
         try:
