@@ -6,6 +6,7 @@ import asyncio
 from typing import Any
 
 import numpy as np
+import orjson
 from fastapi import Request
 from fastapi.responses import JSONResponse
 from starlette.responses import Response
@@ -15,6 +16,15 @@ from app.schemas import ImageFormat
 
 # Results up to this many values (64 MNIST digits) are encoded on the event loop; larger ones in a thread.
 INLINE_ENCODE_MAX_VALUES = 64 * 28 * 28
+
+
+class ArrayJSONResponse(JSONResponse):
+    """JSON written by orjson, which takes numpy arrays as they are: float32 values come out as their
+    shortest exact float32 text ("0.33333334"), several times faster than `tolist()` and `json.dumps`.
+    """
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
 def wants_png(accept: str) -> bool:
@@ -52,7 +62,7 @@ def _image_response(
 ) -> Response:
     if wants_png(request.headers.get("accept", "")):
         return Response(encode_png_grid(images), media_type="image/png")
-    encoded: list[Any] = encode_base64_pngs(images) if image_format == "png" else images.tolist()
+    encoded = encode_base64_pngs(images) if image_format == "png" else np.ascontiguousarray(images)
     body = {"format": image_format, "shape": list(images.shape[1:]), "images": encoded}
     body.update((key, value) for key, value in extra.items() if value is not None)
-    return JSONResponse(body)
+    return ArrayJSONResponse(body)

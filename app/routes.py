@@ -8,7 +8,6 @@ from typing import Annotated, Any
 
 import numpy as np
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.responses import Response
 
@@ -20,7 +19,7 @@ from app.images import RESAMPLING_FILTER
 from app.inputs import images_to_array, read_image_blobs, read_interpolation
 from app.latents import SEED_LIMIT, interpolate, latents_array, pick_seed, reparameterize, sample_latents
 from app.metrics import Metrics
-from app.responses import image_response
+from app.responses import ArrayJSONResponse, image_response
 from app.schemas import (
     DecodeRequest,
     EncodeResponse,
@@ -161,15 +160,14 @@ async def encode(
     with serving(request) as (engine, settings):
         mean, log_var = await _encode_uploads(request, engine, settings)
         std = np.exp(np.float32(0.5) * log_var)
-        items: list[dict[str, Any]] = [
-            {"mean": m, "log_var": v, "std": s}
-            for m, v, s in zip(mean.tolist(), log_var.tolist(), std.tolist(), strict=True)
+        items: list[dict[str, np.ndarray]] = [
+            {"mean": m, "log_var": v, "std": s} for m, v, s in zip(mean, log_var, std, strict=True)
         ]
         if sample:
             seed = pick_seed() if seed is None else seed
-            for item, z in zip(items, reparameterize(mean, log_var, seed).tolist(), strict=True):
+            for item, z in zip(items, reparameterize(mean, log_var, seed), strict=True):
                 item["z"] = z
-        response = JSONResponse(
+        response = ArrayJSONResponse(
             {"latent_dim": engine.manifest.latent_dim, "seed": seed if sample else None, "items": items}
         )
         return versioned(response, engine)
@@ -282,7 +280,7 @@ async def interpolate_route(request: Request, image_format: FormatQuery = "png")
             endpoints.update(zip(uploads, mean, strict=True))
         frames = interpolate(endpoints["start"], endpoints["end"], options.steps, options.method)
         response = await image_response(
-            request, await engine.decode(frames), image_format, latents=frames.tolist(), method=options.method
+            request, await engine.decode(frames), image_format, latents=frames, method=options.method
         )
         return versioned(response, engine)
 

@@ -224,7 +224,7 @@ def test_interpolate_linear_between_latents(client: TestClient) -> None:
     body = client.post(
         "/interpolate?format=array", json={"start": start.tolist(), "end": end.tolist(), "steps": 5}
     ).json()
-    latents = np.array(body["latents"])
+    latents = np.array(body["latents"], np.float32)  # float32 values, written as their shortest exact text
     assert latents.shape == (5, 16) and len(body["images"]) == 5 and body["method"] == "linear"
     assert latents[0].tolist() == start.tolist() and latents[-1].tolist() == np.float32(end).tolist()
     np.testing.assert_allclose(latents[2], 0.5 * end, atol=1e-6)
