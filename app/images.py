@@ -42,6 +42,10 @@ PILLOW_DATA_ERRORS = (
 )
 
 
+# Our own limit (read_image_header) decides; Pillow's bomb check only stops images far past its default, and
+# its warning for large ones would repeat ours. Filtered once here: a filter per call costs 1% of /encode.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
 _SIGNATURES = (
     (b"\x89PNG\r\n\x1a\n", "PNG"),
     (b"\xff\xd8\xff", "JPEG"),
@@ -62,10 +66,7 @@ def _format_from_signature(data: bytes) -> str | None:
 def read_image_header(data: bytes, max_image_pixels: int) -> Image.Image:
     """Open image bytes lazily (header only) and check the pixel count before anything is decoded."""
     try:
-        with warnings.catch_warnings():
-            # Our own limit below decides; Pillow's bomb check only stops images far past its default.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+        image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
     except UnidentifiedImageError:
         format_name = _format_from_signature(data)
         if format_name is not None:
