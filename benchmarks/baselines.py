@@ -30,6 +30,7 @@ from fastapi.responses import Response
 from PIL import Image
 from pydantic import BaseModel
 
+from app.cli import tune_garbage_collector
 from model.manifest import load_model_dir
 
 
@@ -202,15 +203,26 @@ def main() -> None:
     )
     parser.add_argument("--model-dir", type=Path, help="naive: the model directory to serve")
     parser.add_argument(
+        "--access-log", action="store_true", help="the service's VAE_ACCESS_LOG: one log line per request"
+    )
+    parser.add_argument(
         "--encode-response", type=Path, help="http-ceiling: file with the /encode JSON to return"
     )
     args = parser.parse_args()
     if args.kind == "http-ceiling":
         app = create_http_ceiling_app(args.encode_response.read_bytes())
+        tune_garbage_collector()  # the service's process setting, so the ceiling bounds it fairly
     else:
         app = create_naive_app(args.model_dir)
-    # The service's own call (app/cli.py): uvicorn's defaults (uvloop, httptools, access log), one worker.
-    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level=args.log_level, workers=1)
+    # The service's own call (app/cli.py): uvicorn's defaults (uvloop, httptools), one worker.
+    uvicorn.run(
+        app,
+        host="127.0.0.1",
+        port=args.port,
+        log_level=args.log_level,
+        access_log=args.access_log,
+        workers=1,
+    )
 
 
 if __name__ == "__main__":

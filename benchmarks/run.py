@@ -22,6 +22,7 @@ from typing import Any
 
 import httpx
 
+from app.config import Settings
 from benchmarks.baselines import inference_images_per_second
 from benchmarks.loadgen import LoadGenerator, make_load_generator
 from benchmarks.report import (
@@ -106,12 +107,9 @@ def service_env(model_dir: Path, port: int, **overrides: str) -> dict[str, str]:
     return {"VAE_MODEL_DIR": str(model_dir), "VAE_HOST": "127.0.0.1", "VAE_PORT": str(port), **overrides}
 
 
-def service_settings() -> tuple[int, float, str]:
-    """(max_batch_size, max_wait_ms, log_level) of the service, from its own Settings (honours VAE_*)."""
-    from app.config import Settings
-
-    settings = Settings()
-    return int(settings.max_batch_size), float(settings.max_wait_ms), str(settings.log_level)
+def baseline_server_flags(settings: Settings) -> list[str]:
+    """The baselines' flags that give them the service's logging, so they pay for it alike."""
+    return ["--log-level", settings.log_level, *(["--access-log"] if settings.access_log else [])]
 
 
 def preflight(server: ServerProcess, scenarios: list[Scenario]) -> dict[str, bytes]:
@@ -191,7 +189,11 @@ def model_shape(model_dir: Path) -> dict[str, int]:
 
 
 def start_servers(
-    args: argparse.Namespace, model_dir: Path, log_level: str, stack: contextlib.ExitStack, workdir: Path
+    args: argparse.Namespace,
+    model_dir: Path,
+    server_flags: list[str],
+    stack: contextlib.ExitStack,
+    workdir: Path,
 ) -> dict[str, ServerProcess]:
     """The service, the service with batching off, the naive service and (for /encode) the HTTP ceiling."""
     scenarios = [build_scenarios(**model_shape(model_dir))[name] for name in args.scenarios]
@@ -220,7 +222,7 @@ def start_servers(
     )
     port = free_port()
     naive_command = python_command(
-        *("-m", "benchmarks.baselines", "naive", "--log-level", log_level),
+        *("-m", "benchmarks.baselines", "naive", *server_flags),
         *("--port", str(port), "--model-dir", str(model_dir)),
     )
     preflight(start(ServerProcess(NAIVE, naive_command, port, log_dir=args.log_dir)), scenarios)
@@ -229,7 +231,7 @@ def start_servers(
         encode_response.write_bytes(bodies["encode"])
         port = free_port()
         ceiling_command = python_command(
-            *("-m", "benchmarks.baselines", "http-ceiling", "--log-level", log_level),
+            *("-m", "benchmarks.baselines", "http-ceiling", *server_flags),
             *("--port", str(port), "--encode-response", str(encode_response)),
         )
         preflight(
@@ -243,7 +245,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     load = make_load_generator(args.load_tool)
     machine = machine_info(load.name)
-    max_batch_size, max_wait_ms, log_level = service_settings()
+    settings = Settings()  # the service's settings, as it will read them (honours VAE_*)
+    max_batch_size, max_wait_ms = settings.max_batch_size, settings.max_wait_ms
     started_at = datetime.now(UTC)
     with (
         model_directory(args.model_dir) as model_dir,
@@ -251,7 +254,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         tempfile.TemporaryDirectory(prefix="vae-bench-") as workdir,
     ):
         manifest = read_manifest(model_dir)
-        servers = start_servers(args, model_dir, log_level, stack, Path(workdir))
+        servers = start_servers(args, model_dir, baseline_server_flags(settings), stack, Path(workdir))
         cells = measure(args, load, servers, model_dir, max_batch_size)
     ready = {name: server.ready_seconds for name, server in servers.items()}
     targets = evaluate_targets(cells, args.concurrency, max_wait_ms, ready[SERVICE])
@@ -283,7 +286,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "scenarios": args.scenarios,
             "service_max_batch_size": max_batch_size,
             "service_max_wait_ms": max_wait_ms,
-            "service_log_level": log_level,
+            "service_log_level": settings.log_level,
+            "service_access_log": settings.access_log,
         },
         "servers": {
             name: {"command": s.command, "ready_seconds": s.ready_seconds} for name, s in servers.items()

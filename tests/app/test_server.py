@@ -265,6 +265,16 @@ def test_serves_the_shipped_default_model(tmp_path: Path) -> None:
         assert sample.status_code == 200 and len(sample.json()["images"]) == 4
     finally:
         stop_server(process, log)
+    assert "GET /sample" not in log.read_text()  # no access log by default
+
+
+def test_access_log_on_request(tmp_path: Path) -> None:
+    process, base_url, log = start_server(tmp_path, "--access-log", "true")
+    try:
+        assert httpx.get(base_url + "/healthz", timeout=10).status_code == 200
+    finally:
+        stop_server(process, log)
+    assert '"GET /healthz HTTP/1.1" 200' in log.read_text()
 
 
 @pytest.fixture(scope="module")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import gc
 import io
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from app.cli import YOUNG_GENERATION_THRESHOLD, tune_garbage_collector
 from app.errors import ImageTooLarge, InvalidLatents, NonFiniteValues
 from app.images import decode_images, encode_png_grid, encode_pngs, grid_shape
 from app.latents import interpolate, latents_array, reparameterize, sample_latents
@@ -110,3 +112,14 @@ def test_slerp_falls_back_to_linear_for_parallel_and_zero_vectors() -> None:
         np.testing.assert_array_equal(
             interpolate(start, end, 4, "slerp"), interpolate(start, end, 4, "linear")
         )
+
+
+def test_garbage_collector_tuning_freezes_the_start_up_heap() -> None:
+    threshold = gc.get_threshold()
+    try:
+        tune_garbage_collector()
+        assert gc.get_threshold() == (YOUNG_GENERATION_THRESHOLD, *threshold[1:])
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*threshold)
