@@ -25,12 +25,10 @@ OVERLOAD_FACTOR = 4
 CAPACITY_SECONDS = 3
 CAPACITY_CONNECTIONS = 8
 SEEDS = range(16)
-# Idle pooled connections are dropped well before uvicorn's 5 s keep-alive timeout: otherwise the client can
-# send on a connection the server is closing (an httpx RemoteProtocolError for a request never received).
+# Idle connections are dropped well before uvicorn's 5 s keep-alive timeout (see KeepAliveClient).
 KEEPALIVE_EXPIRY_SECONDS = 1.0
 CLIENT_TIMEOUT_SECONDS = 10  # a request unanswered this long counts as a hang
 MAX_OPEN_REQUESTS = 256  # the load generator skips a launch rather than open more (bounds the accept backlog)
-LOAD_CLIENTS = 32
 HEALTH_PROBE_INTERVAL_SECONDS = 0.1
 HEALTH_P99_LIMIT_SECONDS = 1.0
 RSS_SAMPLE_INTERVAL_SECONDS = 0.2
@@ -80,66 +78,100 @@ class ServerProcess:
     peak_rss_bytes: int = 0
 
 
+class KeepAliveClient:
+    """A minimal HTTP/1.1 GET client on asyncio streams that reuses its connections.
+
+    httpx costs the load generator more CPU per request than the server spends answering it; on 2 cores
+    one process could then offer only 3.5 times capacity. Idle connections are dropped well before
+    uvicorn's keep-alive timeout, so a request is never sent on a connection the server is closing.
+    """
+
+    def __init__(self, base_url: str) -> None:
+        host, _, port = base_url.removeprefix("http://").partition(":")
+        self.host, self.port = host, int(port)
+        self._idle: list[tuple[float, asyncio.StreamReader, asyncio.StreamWriter]] = []
+
+    async def get(self, path: str) -> tuple[int, bytes]:
+        """(status, body) of GET path; OSError or IncompleteReadError when the connection fails."""
+        reader, writer = self._reuse() or await asyncio.open_connection(self.host, self.port)
+        try:
+            writer.write(f"GET {path} HTTP/1.1\r\nHost: {self.host}\r\n\r\n".encode())
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = next(
+                int(line.split(b":", 1)[1])
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length:")
+            )
+            body = await reader.readexactly(length)
+        except BaseException:
+            writer.close()
+            raise
+        self._idle.append((time.monotonic(), reader, writer))
+        return int(head[9:12]), body
+
+    def _reuse(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+        while self._idle:
+            used_at, reader, writer = self._idle.pop()
+            if time.monotonic() - used_at < KEEPALIVE_EXPIRY_SECONDS and not reader.at_eof():
+                return reader, writer
+            writer.close()
+        return None
+
+    def close(self) -> None:
+        for _, _, writer in self._idle:
+            writer.close()
+        self._idle.clear()
+
+
 async def closed_loop_rate(
     base_url: str, seconds: float, expected: dict[int, bytes]
 ) -> tuple[float, Counter[int]]:
     """Results per second from a few connections, each sending its next request once the last is answered."""
     statuses: Counter[int] = Counter()
     completed = 0
-    limits = httpx.Limits(max_connections=CAPACITY_CONNECTIONS, keepalive_expiry=KEEPALIVE_EXPIRY_SECONDS)
-    async with httpx.AsyncClient(base_url=base_url, timeout=CLIENT_TIMEOUT_SECONDS, limits=limits) as client:
-        started = time.monotonic()
-        stop_at = started + seconds
+    client = KeepAliveClient(base_url)
+    started = time.monotonic()
+    stop_at = started + seconds
 
-        async def connection(first_seed: int) -> None:
-            nonlocal completed
-            seed = first_seed
-            while time.monotonic() < stop_at:
-                response = await client.get(sample_path(seed))
-                statuses[response.status_code] += 1
-                if response.status_code == 200:
-                    assert response.content == expected[seed], f"wrong result for seed {seed}"
-                    completed += 1
-                seed = (seed + 1) % len(SEEDS)
+    async def connection(first_seed: int) -> None:
+        nonlocal completed
+        seed = first_seed
+        while time.monotonic() < stop_at:
+            status, body = await client.get(sample_path(seed))
+            statuses[status] += 1
+            if status == 200:
+                assert body == expected[seed], f"wrong result for seed {seed}"
+                completed += 1
+            seed = (seed + 1) % len(SEEDS)
 
+    try:
         await asyncio.gather(*(connection(index) for index in range(CAPACITY_CONNECTIONS)))
-        return completed / (time.monotonic() - started), statuses
+    finally:
+        client.close()
+    return completed / (time.monotonic() - started), statuses
 
 
 async def open_loop(base_url: str, rate: float, seconds: float, expected: dict[int, bytes]) -> Overload:
-    """Launch `rate` requests per second on a schedule, whether or not earlier ones have been answered.
-
-    The open requests are spread over several small clients: one httpx pool with hundreds of connections
-    costs the client more CPU than the server it is meant to overload.
-    """
+    """Launch `rate` requests per second on a schedule, whether or not earlier ones have been answered."""
     seen = Overload()
-    per_client = MAX_OPEN_REQUESTS // LOAD_CLIENTS
-    limits = httpx.Limits(
-        max_connections=per_client,
-        max_keepalive_connections=per_client,
-        keepalive_expiry=KEEPALIVE_EXPIRY_SECONDS,
-    )
-    clients = [
-        httpx.AsyncClient(base_url=base_url, timeout=CLIENT_TIMEOUT_SECONDS, limits=limits)
-        for _ in range(LOAD_CLIENTS)
-    ]
-    open_requests: list[set[asyncio.Task[None]]] = [set() for _ in clients]
+    client = KeepAliveClient(base_url)
+    open_requests: set[asyncio.Task[None]] = set()
 
-    async def one_request(client: httpx.AsyncClient, seed: int) -> None:
+    async def one_request(seed: int) -> None:
         started = time.monotonic()
         try:
             async with asyncio.timeout(CLIENT_TIMEOUT_SECONDS):
-                response = await client.get(sample_path(seed))
+                status, body = await client.get(sample_path(seed))
         except TimeoutError:
             seen.transport_errors["no answer within the client timeout"] += 1
             return
-        except httpx.TransportError as error:
+        except (OSError, asyncio.IncompleteReadError) as error:
             seen.transport_errors[type(error).__name__] += 1
             return
-        seen.statuses[response.status_code] += 1
-        if response.status_code == 200:
+        seen.statuses[status] += 1
+        if status == 200:
             seen.ok_latencies_seconds.append(time.monotonic() - started)
-            seen.wrong_bodies += response.content != expected[seed]
+            seen.wrong_bodies += body != expected[seed]
 
     try:
         started = time.monotonic()
@@ -147,21 +179,18 @@ async def open_loop(base_url: str, rate: float, seconds: float, expected: dict[i
             delay = started + index / rate - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
-            least_busy = min(range(len(clients)), key=lambda number: len(open_requests[number]))
-            if len(open_requests[least_busy]) >= per_client:
+            if len(open_requests) >= MAX_OPEN_REQUESTS:
                 seen.skipped += 1
                 continue
-            task = asyncio.create_task(one_request(clients[least_busy], SEEDS[index % len(SEEDS)]))
-            open_requests[least_busy].add(task)
-            task.add_done_callback(open_requests[least_busy].discard)
+            task = asyncio.create_task(one_request(SEEDS[index % len(SEEDS)]))
+            open_requests.add(task)
+            task.add_done_callback(open_requests.discard)
             seen.launched += 1
         seen.elapsed_seconds = time.monotonic() - started
-        still_open = set().union(*open_requests)
-        if still_open:
-            await asyncio.wait(still_open, timeout=CLIENT_TIMEOUT_SECONDS + 5)
+        if open_requests:
+            await asyncio.wait(set(open_requests), timeout=CLIENT_TIMEOUT_SECONDS + 5)
     finally:
-        for client in clients:
-            await client.aclose()
+        client.close()
     return seen
 
 
