@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException
 from app.config import Settings
 from app.errors import InvalidRequest, LimitExceeded, UnsupportedMediaType, VaeError
 from app.images import read_image_header, to_model_batch
-from app.multipart import boundary_of, parse_form
+from app.multipart import boundary_of, parse_form, text_value
 from app.schemas import InterpolateOptions, InterpolateRequest
 
 # Uploads up to this many pixels (about a millisecond of decoding) are converted on the event loop, where a
@@ -47,7 +47,7 @@ async def read_form(request: Request, max_files: int) -> FormValues:
         if files <= max_files and len(parts) - files <= MAX_FORM_FIELDS:
             values: FormValues = {}
             for name, filename, content in parts:
-                values.setdefault(name, []).append(content if filename is not None else _text(content))
+                values.setdefault(name, []).append(content if filename is not None else text_value(content))
             return values
     try:
         form = await request.form(max_files=max_files, max_fields=MAX_FORM_FIELDS)
@@ -62,14 +62,6 @@ async def read_form(request: Request, max_files: int) -> FormValues:
         values.setdefault(name, []).append(await value.read() if isinstance(value, UploadFile) else value)
     await form.close()
     return values
-
-
-def _text(content: bytes) -> str:
-    """A text field's value, decoded as Starlette does: UTF-8, else Latin-1."""
-    try:
-        return content.decode()
-    except UnicodeDecodeError:
-        return content.decode("latin-1")
 
 
 def upload_bytes(form: FormValues, field: str) -> list[bytes]:

@@ -33,6 +33,8 @@ def boundary_of(content_type: str) -> bytes | None:
 def _part_header(block: bytes) -> tuple[str, str | None] | None:
     """(name, filename or None) from a part's header lines; None unless they are the plain layout."""
     name = filename = None
+    if b"\r" in block.replace(b"\r\n", b"") or b"\n" in block.replace(b"\r\n", b""):
+        return None  # a bare CR or LF: python-multipart refuses it, so must we
     for line in block.split(b"\r\n"):
         header, colon, value = line.partition(b":")
         header = header.lower()
@@ -61,6 +63,14 @@ def _part_header(block: bytes) -> tuple[str, str | None] | None:
     if name is None or name == _CHARSET_FIELD:
         return None
     return name, filename
+
+
+def text_value(content: bytes) -> str:
+    """A text field's value, decoded as Starlette decodes it: UTF-8, else Latin-1."""
+    try:
+        return content.decode()
+    except UnicodeDecodeError:
+        return content.decode("latin-1")
 
 
 def parse_form(body: bytes, boundary: bytes) -> list[Part] | None:
