@@ -1,19 +1,20 @@
 """Dynamic batching: items of concurrent requests coalesce into one model run.
 
-One `Batcher` per model part. `submit` queues a request's items and awaits their outputs; a worker
-task takes up to `max_batch_size` items in arrival order (a large request may span several runs and is
-reassembled in order), waits at most `max_wait_ms` after the oldest queued item for the batch to fill, and
-runs the model in a worker thread so the event loop stays free. Cancelling `submit` (deadline, client gone)
-drops the request's items that have not started yet.
+One `Batcher` per model part. `submit` queues a request's items and awaits their outputs. The batcher's own
+thread takes up to `max_batch_size` items in arrival order (a large request may span several runs and is
+reassembled in order), waits at most `max_wait_ms` after the oldest queued item for the batch to fill, runs
+the model, and hands the outputs back to the event loop. The thread takes the next batch as soon as a run
+ends, so the model keeps running however busy the event loop is (answering a flood of 503s, say).
+Cancelling `submit` (deadline, client gone) drops the request's items that have not started yet.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -22,6 +23,7 @@ from app.metrics import PartMetrics
 
 Outputs = tuple[np.ndarray, ...]
 RunFunction = Callable[[np.ndarray], Outputs]
+Slices = list[tuple["_Request", int, int]]
 
 
 class _Request:
@@ -56,11 +58,14 @@ class Batcher:
         self._max_wait_seconds = max_wait_ms / 1000
         self._max_queue_items = max_queue_items
         self._metrics = metrics
+        # Guards the queue, the item counts and each request's `taken`; the thread waits on it for work.
+        self._condition = threading.Condition()
         self._queue: collections.deque[_Request] = collections.deque()
         self._queued_items = 0
-        self._wakeup = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{part}-inference")
-        self._worker: asyncio.Task[None] | None = None
+        self._running: Slices = []
+        self._stopping = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
 
     @property
     def queued_items(self) -> int:
@@ -68,20 +73,24 @@ class Batcher:
         return self._queued_items
 
     def start(self) -> None:
-        """Start the worker task on the running event loop."""
-        self._worker = asyncio.get_running_loop().create_task(self._work(), name=f"{self.part}-batcher")
+        """Start the batcher's thread; results are delivered on the running event loop."""
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._work, name=f"{self.part}-inference", daemon=True)
+        self._thread.start()
 
     async def stop(self) -> None:
-        """Stop the worker, cancel waiting requests and release the inference thread."""
-        if self._worker is not None:
-            self._worker.cancel()
-            await asyncio.gather(self._worker, return_exceptions=True)
-            self._worker = None
-        for request in self._queue:
+        """Fail waiting and running requests with ModelNotReady and let the thread end.
+
+        A run in progress finishes in the thread; nobody receives its results.
+        """
+        with self._condition:
+            self._stopping = True
+            abandoned = [*self._queue, *(request for request, _, _ in self._running)]
+            self._queue.clear()
+            self._set_queued_items(0)
+            self._condition.notify()
+        for request in abandoned:
             self._abandon(request)
-        self._queue.clear()
-        self._set_queued_items(0)
-        self._executor.shutdown(wait=False)  # a run in progress finishes in its thread; nobody awaits it
 
     async def submit(self, items: np.ndarray) -> Outputs:
         """Run the model on `items` (N, ...) and return its outputs, each (N, ...), in the items' order.
@@ -91,17 +100,19 @@ class Batcher:
         count = len(items)
         if count == 0:
             raise ValueError("submit needs at least one item")
-        if self._queued_items + count > self._max_queue_items:
-            if self._metrics is not None:
-                self._metrics.rejected_queue_full.inc()
-            raise QueueFull(self.part, self._queued_items, self._max_queue_items)
-        loop = asyncio.get_running_loop()
-        request = _Request(items, loop.create_future(), loop.time())
-        was_empty = not self._queue
-        self._queue.append(request)
-        self._set_queued_items(self._queued_items + count)
-        if was_empty or self._queued_items >= self._max_batch_size:
-            self._wakeup.set()
+        if self._loop is None:
+            raise RuntimeError("Batcher.start() was not called")
+        request = _Request(items, self._loop.create_future(), time.monotonic())
+        with self._condition:
+            if self._stopping:
+                raise ModelNotReady(f"the server is shutting down the {self.part}; retry")
+            if self._queued_items + count > self._max_queue_items:
+                if self._metrics is not None:
+                    self._metrics.rejected_queue_full.inc()
+                raise QueueFull(self.part, self._queued_items, self._max_queue_items)
+            self._queue.append(request)
+            self._set_queued_items(self._queued_items + count)
+            self._condition.notify()
         try:
             return await request.future
         except asyncio.CancelledError:
@@ -111,36 +122,46 @@ class Batcher:
     def _drop(self, request: _Request) -> None:
         """Remove a cancelled request's not-yet-started items from the queue."""
         request.future.cancel()
-        if request.taken < len(request.items):
-            try:
-                self._queue.remove(request)
-            except ValueError:
-                return
-            self._set_queued_items(self._queued_items - (len(request.items) - request.taken))
+        with self._condition:
+            if request.taken < len(request.items):
+                try:
+                    self._queue.remove(request)
+                except ValueError:
+                    return
+                self._set_queued_items(self._queued_items - (len(request.items) - request.taken))
 
     def _set_queued_items(self, value: int) -> None:
         self._queued_items = value
         if self._metrics is not None:
             self._metrics.queue_depth.set(value)
 
-    async def _work(self) -> None:
-        loop = asyncio.get_running_loop()
+    def _work(self) -> None:
+        """The batcher's thread: wait for a batch, run it, hand the outputs to the loop; until stopped."""
         while True:
-            await self._wakeup.wait()
-            self._wakeup.clear()
-            while self._queue:
-                delay = self._queue[0].enqueued_at + self._max_wait_seconds - loop.time()
-                if delay > 0 and self._queued_items < self._max_batch_size:
-                    timer = loop.call_later(delay, self._wakeup.set)
-                    await self._wakeup.wait()
-                    self._wakeup.clear()
-                    timer.cancel()
-                    continue
-                await self._run_one_batch(loop)
+            with self._condition:
+                while True:
+                    if self._stopping:
+                        return
+                    if not self._queue:
+                        self._condition.wait()
+                        continue
+                    delay = self._queue[0].enqueued_at + self._max_wait_seconds - time.monotonic()
+                    if delay <= 0 or self._queued_items >= self._max_batch_size:
+                        break
+                    self._condition.wait(delay)
+                slices = self._running = self._take_batch(time.monotonic())
+            result = self._run_batch(slices)
+            with self._condition:
+                self._running = []
+            assert self._loop is not None
+            try:
+                self._loop.call_soon_threadsafe(self._deliver, slices, result)
+            except RuntimeError:  # the event loop has closed: nobody is waiting any more
+                return
 
-    def _take_batch(self, now: float) -> list[tuple[_Request, int, int]]:
+    def _take_batch(self, now: float) -> Slices:
         """Take up to max_batch_size items off the queue: [(request, start, stop), ...] in order."""
-        slices: list[tuple[_Request, int, int]] = []
+        slices: Slices = []
         room = self._max_batch_size
         while self._queue and room > 0:
             request = self._queue[0]
@@ -156,28 +177,29 @@ class Batcher:
         self._set_queued_items(self._queued_items - (self._max_batch_size - room))
         return slices
 
-    async def _run_one_batch(self, loop: asyncio.AbstractEventLoop) -> None:
-        slices = self._take_batch(loop.time())
+    def _run_batch(self, slices: Slices) -> Outputs | Exception:
+        """Run the model on the slices' items, in the batcher's thread: its outputs, or what it raised."""
         if len(slices) == 1 and slices[0][1] == 0 and slices[0][2] == len(slices[0][0].items):
             batch = slices[0][0].items  # one whole request: no copy
         else:
             batch = np.concatenate([request.items[start:stop] for request, start, stop in slices])
         started = time.perf_counter()
         try:
-            outputs = await loop.run_in_executor(self._executor, self._run, batch)
-        except asyncio.CancelledError:  # the batcher is stopping: nobody will deliver these results
-            for request, _, _ in slices:
-                self._abandon(request)
-            raise
+            return self._run(batch)
         except Exception as error:  # the run failed: every request in this batch fails with it
-            for request, _, _ in slices:
-                self._fail(request, error)
-            return
+            return error
         finally:
             if self._metrics is not None:
                 self._metrics.inference_duration_seconds.observe(time.perf_counter() - started)
                 self._metrics.batch_size.observe(len(batch))
                 self._metrics.items_processed.inc(len(batch))
+
+    def _deliver(self, slices: Slices, outputs: Outputs | Exception) -> None:
+        """On the event loop: resolve the requests whose last items were in this run."""
+        if isinstance(outputs, Exception):
+            for request, _, _ in slices:
+                self._fail(request, outputs)
+            return
         offset = 0
         for request, start, stop in slices:
             count = stop - start

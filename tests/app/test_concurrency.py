@@ -49,6 +49,7 @@ async def gated_app(
     gated.gate.set()
     engine = gated.load(settings)
     gated.gate.clear()
+    gated.running.clear()  # set by the warm-up run; from now on it means a request's run has started
     app = create_app(settings, engine)
     try:
         async with serve(app) as client:
