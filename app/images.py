@@ -14,6 +14,7 @@ import io
 import math
 import struct
 import warnings
+import zlib
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -26,6 +27,7 @@ RESAMPLING_FILTER = Image.Resampling.BILINEAR
 GRID_PADDING_PIXELS = 2
 # Fast zlib level: model outputs are small and the bytes are sent once; the pixels are identical at any level.
 PNG_COMPRESS_LEVEL = 1
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # What Pillow's format plugins raise on malformed data, depending on the plugin and where the damage is
 # (e.g. ValueError for a short PNG IHDR chunk, TypeError for TIFF tags of the wrong type). Uploads are
 # untrusted, so every one of these means "corrupt image", never a server error.
@@ -126,12 +128,28 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
     return np.rint(np.clip(images, 0.0, 1.0) * 255).astype(np.uint8).transpose(0, 2, 3, 1)
 
 
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
 def _png_bytes(pixels: np.ndarray) -> bytes:
-    """(H, W, C) uint8 with C in {1, 3} -> PNG bytes, mode "L" or "RGB"."""
-    image = Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
-    return buffer.getvalue()
+    """(H, W, C) uint8 with C in {1, 3} -> PNG bytes, 8-bit grayscale or RGB.
+
+    Written directly (signature, IHDR, one IDAT of unfiltered rows, IEND): Pillow's writer spends about
+    100 us of Python per image, more than compressing a 28x28 digit.
+    """
+    height, width, channels = pixels.shape
+    rows = np.zeros((height, 1 + width * channels), dtype=np.uint8)  # each row: filter type 0, then pixels
+    rows[:, 1:] = pixels.reshape(height, width * channels)
+    header = struct.pack(">IIBBBBB", width, height, 8, 0 if channels == 1 else 2, 0, 0, 0)
+    return b"".join(
+        (
+            PNG_SIGNATURE,
+            _png_chunk(b"IHDR", header),
+            _png_chunk(b"IDAT", zlib.compress(rows.tobytes(), PNG_COMPRESS_LEVEL)),
+            _png_chunk(b"IEND", b""),
+        )
+    )
 
 
 def encode_pngs(images: np.ndarray) -> list[bytes]:

@@ -5,7 +5,7 @@
 - Naive service: what a user writes first: plain `def` endpoints (FastAPI runs them in its thread pool),
   PIL decode, one onnxruntime `session.run` per request, JSON responses.
 - Inference ceiling: the same ONNX model through onnxruntime with no HTTP, at the service's batch sizes,
-  plus the PNG encoding every image response needs (`inference_images_per_second`).
+  plus the service's own PNG encoding that every image response needs (`inference_images_per_second`).
 
 The two apps run as separate processes with the service's uvicorn settings: `python -m benchmarks.baselines
 {http-ceiling,naive} --port P ...`.
@@ -31,6 +31,7 @@ from PIL import Image
 from pydantic import BaseModel
 
 from app.cli import tune_garbage_collector
+from app.images import encode_png_grid, encode_pngs
 from model.manifest import load_model_dir
 
 
@@ -149,10 +150,9 @@ def _inference_work(
     def decode_and_encode_pngs() -> None:
         images = decoder.run([names.decoder_output], {names.decoder_input: latents})[0]
         if scenario_name == "sample-png":
-            grid_png(images)
+            encode_png_grid(images)
         else:
-            for image in images:
-                to_png(image[0])
+            encode_pngs(images)
 
     return decode_and_encode_pngs, count
 

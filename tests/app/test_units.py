@@ -11,7 +11,7 @@ from PIL import Image
 
 from app.cli import YOUNG_GENERATION_THRESHOLD, tune_garbage_collector
 from app.errors import ImageTooLarge, InvalidLatents, NonFiniteValues
-from app.images import decode_images, encode_png_grid, encode_pngs, grid_shape
+from app.images import decode_images, encode_png_grid, encode_pngs, grid_shape, to_uint8
 from app.latents import interpolate, latents_array, reparameterize, sample_latents
 from app.responses import wants_png
 
@@ -26,6 +26,15 @@ def test_png_encoding_rounds_to_uint8() -> None:
     images = np.array([[[[0.0, 0.5, 1.0, 0.502, 0.0019]]]], dtype=np.float32)  # (1, 1, 1, 5)
     decoded = np.asarray(Image.open(io.BytesIO(encode_pngs(images)[0])))
     assert decoded.tolist() == [[0, 128, 255, 128, 0]]
+
+
+@pytest.mark.parametrize("channels, mode", [(1, "L"), (3, "RGB")])
+def test_pngs_decode_to_the_exact_pixels(channels: int, mode: str) -> None:
+    images = np.random.default_rng(0).random((3, channels, 5, 7), dtype=np.float32)
+    for png, expected in zip(encode_pngs(images), to_uint8(images), strict=True):
+        decoded = Image.open(io.BytesIO(png))
+        assert decoded.mode == mode and decoded.size == (7, 5)
+        assert np.array_equal(np.asarray(decoded).reshape(expected.shape), expected)
 
 
 def test_alpha_is_composited_onto_black_for_rgb_models() -> None:
