@@ -48,11 +48,13 @@ class Settings(BaseSettings):
         description="The batcher puts at most this many items into one onnxruntime run.",
     )
     max_wait_ms: float = Field(
-        default=2.0,
+        # Batches still form at 0: whatever queues while the model runs goes into the next run. Waiting only
+        # added latency (2.3 ms at one client) without more throughput at 64 (benchmarks/, issue 5).
+        default=0.0,
         ge=0,
         description=(
             "The first queued item waits at most this many milliseconds for more items before a partly filled"
-            " batch runs."
+            " batch runs; at 0 a batch runs as soon as the model is free, with every item queued by then."
         ),
     )
     max_queue_items: int = Field(

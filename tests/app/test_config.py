@@ -19,7 +19,7 @@ def test_defaults_match_the_spec(monkeypatch: pytest.MonkeyPatch) -> None:
     settings = Settings()
     assert settings.model_dir is None
     assert (settings.host, settings.port, settings.execution_provider) == ("127.0.0.1", 8000, "auto")
-    assert (settings.max_batch_size, settings.max_wait_ms) == (64, 2.0)
+    assert (settings.max_batch_size, settings.max_wait_ms) == (64, 0.0)
 
 
 def test_every_setting_is_documented_in_complete_sentences() -> None:
