@@ -106,10 +106,7 @@ class Batcher:
         with self._condition:
             if self._stopping:
                 raise ModelNotReady(f"the server is shutting down the {self.part}; retry")
-            if self._queued_items + count > self._max_queue_items:
-                if self._metrics is not None:
-                    self._metrics.rejected_queue_full.inc()
-                raise QueueFull(self.part, self._queued_items, self._max_queue_items)
+            self.check_room(count)
             self._queue.append(request)
             self._set_queued_items(self._queued_items + count)
             self._condition.notify()
@@ -118,6 +115,13 @@ class Batcher:
         except asyncio.CancelledError:
             self._drop(request)
             raise
+
+    def check_room(self, count: int = 1) -> None:
+        """Raise QueueFull (and count it) unless the queue can take `count` more items now."""
+        if self._queued_items + count > self._max_queue_items:
+            if self._metrics is not None:
+                self._metrics.rejected_queue_full.inc()
+            raise QueueFull(self.part, self._queued_items, self._max_queue_items)
 
     def _drop(self, request: _Request) -> None:
         """Remove a cancelled request's not-yet-started items from the queue."""

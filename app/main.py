@@ -20,7 +20,7 @@ from app.errors import install_error_handlers
 from app.metrics import Metrics
 from app.middleware import MetricsMiddleware, RequestGuardMiddleware
 from app.reload import ModelReloader
-from app.routes import MODEL_VERSION_HEADER, router
+from app.routes import FIRST_QUEUE_BY_PATH, MODEL_VERSION_HEADER, router
 
 DESCRIPTION = """\
 Encode, decode, sample, reconstruct and interpolate with a variational autoencoder on onnxruntime.
@@ -86,18 +86,20 @@ def create_app(
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
-    # Starlette runs the last-added middleware first: CORS, metrics, request guard, API key, routes.
-    app.add_middleware(
-        ApiKeyMiddleware,
-        api_key=settings.api_key,
-        protect_ops_endpoints=settings.protect_ops_endpoints,
-        access=route_access(routes),
-    )
+    # Starlette runs the last-added middleware first: CORS, metrics, API key, request guard, routes.
     app.add_middleware(
         RequestGuardMiddleware,
         metrics=metrics,
         timeout_seconds=settings.request_timeout_seconds,
         max_body_bytes=settings.max_body_bytes,
+        serving_engine=lambda: app.state.engine,
+        first_queue_by_path=FIRST_QUEUE_BY_PATH,
+    )
+    app.add_middleware(
+        ApiKeyMiddleware,
+        api_key=settings.api_key,
+        protect_ops_endpoints=settings.protect_ops_endpoints,
+        access=route_access(routes),
     )
     app.add_middleware(MetricsMiddleware, metrics=metrics, route_paths=route_paths)
     if settings.cors_allow_origins:

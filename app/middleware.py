@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable, Mapping
 
 from prometheus_client import Counter, Histogram
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.errors import DeadlineExceeded, RequestTooLarge, VaeError, problem_response
+from app.engine import Engine
+from app.errors import DeadlineExceeded, QueueFull, RequestTooLarge, VaeError, problem_response
 from app.metrics import Metrics
 
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -149,21 +151,41 @@ class _Guard:
 
 
 class RequestGuardMiddleware:
-    """Bound every HTTP request: body size (413), deadline (504), and cancel its work when the client leaves.
+    """Bound every HTTP request: full queue (503), body size (413), deadline (504), and cancel its work when
+    the client leaves.
 
     Cancelling the request's task drops its not-yet-started items from the batcher queues.
     """
 
-    def __init__(self, app: ASGIApp, metrics: Metrics, timeout_seconds: float, max_body_bytes: int) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        metrics: Metrics,
+        timeout_seconds: float,
+        max_body_bytes: int,
+        serving_engine: Callable[[], Engine | None],
+        first_queue_by_path: Mapping[str, str],
+    ) -> None:
         self.app = app
         self.metrics = metrics
         self.timeout_seconds = timeout_seconds
         self.max_body_bytes = max_body_bytes
+        self.serving_engine = serving_engine
+        self.first_queue_by_path = first_queue_by_path
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        part = self.first_queue_by_path.get(scope["path"])
+        if part is not None and (engine := self.serving_engine()) is not None:
+            # Shed load before parsing: the request's first queue is full, so it would get this 503 anyway,
+            # after costing several times more CPU. Cheap refusals keep results flowing under overload.
+            try:
+                engine.check_room(part)
+            except QueueFull as error:
+                await self._answer(error, scope, receive, send)
+                return
         headers = Headers(scope=scope)
         content_length = headers.get("content-length")
         if (

@@ -112,12 +112,16 @@ async def test_full_queue_answers_503_with_retry_after(
         queued = asyncio.ensure_future(client.get("/sample?n=2&seed=2"))
         await wait_until(lambda: sample_value(app, "vae_queue_depth", {"part": "decoder"}) == 2)
         rejected = await client.get("/sample?n=1")
+        # Refused before its parameters are parsed: a full queue is cheaper to check than a request.
+        shed_unparsed = await client.get("/sample?n=not-a-number")
         gated.gate.set()
         assert (await running).status_code == 200 and (await queued).status_code == 200
-    assert rejected.status_code == 503 and rejected.headers["retry-after"] == "1"
-    assert rejected.headers["content-type"] == "application/problem+json"
-    assert "queue" in rejected.json()["detail"]
-    assert sample_value(app, "vae_requests_rejected_total", {"reason": "queue_full"}) == 1
+        assert (await client.get("/sample?n=not-a-number")).status_code == 422  # room again: parsed
+    for response in (rejected, shed_unparsed):
+        assert response.status_code == 503 and response.headers["retry-after"] == "1"
+        assert response.headers["content-type"] == "application/problem+json"
+        assert "queue" in response.json()["detail"]
+    assert sample_value(app, "vae_requests_rejected_total", {"reason": "queue_full"}) == 2
 
 
 @pytest.mark.asyncio
