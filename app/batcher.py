@@ -1,11 +1,12 @@
 """Dynamic batching: items of concurrent requests coalesce into one model run.
 
-One `Batcher` per model part. `submit` queues a request's items and awaits their outputs. The batcher's own
-thread takes up to `max_batch_size` items in arrival order (a large request may span several runs and is
-reassembled in order), waits at most `max_wait_ms` after the oldest queued item for the batch to fill, runs
-the model, and hands the outputs back to the event loop. The thread takes the next batch as soon as a run
-ends, so the model keeps running however busy the event loop is (answering a flood of 503s, say).
-Cancelling `submit` (deadline, client gone) drops the request's items that have not started yet.
+One `Batcher` per model part. `submit` queues a request's items and awaits their outputs. Each of the
+batcher's threads takes up to `max_batch_size` items in arrival order (a large request may span several
+runs and is reassembled in order), waits at most `max_wait_ms` after the oldest queued item for the batch
+to fill, runs the model, and hands the outputs back to the event loop. A thread takes the next batch as
+soon as its run ends, so the model keeps running however busy the event loop is (answering a flood of
+503s, say); with several threads, runs overlap. Cancelling `submit` (deadline, client gone) drops the
+request's items that have not started yet.
 """
 
 from __future__ import annotations
@@ -27,16 +28,17 @@ Slices = list[tuple["_Request", int, int]]
 
 
 class _Request:
-    """One submitted request: its items, how many runs have taken, and its finished output pieces."""
+    """One submitted request: its items, how many runs have taken, and its finished output pieces by start."""
 
-    __slots__ = ("enqueued_at", "future", "items", "pieces", "taken")
+    __slots__ = ("done", "enqueued_at", "future", "items", "pieces", "taken")
 
     def __init__(self, items: np.ndarray, future: asyncio.Future[Outputs], enqueued_at: float) -> None:
         self.items = items
         self.future = future
         self.enqueued_at = enqueued_at
         self.taken = 0
-        self.pieces: list[Outputs] = []
+        self.done = 0
+        self.pieces: dict[int, Outputs] = {}  # runs on different threads may finish out of order
 
 
 class Batcher:
@@ -50,6 +52,7 @@ class Batcher:
         max_batch_size: int,
         max_wait_ms: float,
         max_queue_items: int,
+        threads: int = 1,
         metrics: PartMetrics | None = None,
     ) -> None:
         self.part = part
@@ -58,14 +61,17 @@ class Batcher:
         self._max_wait_seconds = max_wait_ms / 1000
         self._max_queue_items = max_queue_items
         self._metrics = metrics
-        # Guards the queue, the item counts and each request's `taken`; the thread waits on it for work.
-        self._condition = threading.Condition()
+        # Guards the queue, the item counts and each request's `taken`. Thread 0 waits for any work, the
+        # other threads for a full batch.
+        self._lock = threading.Lock()
+        self._work_queued = threading.Condition(self._lock)
+        self._full_batch_queued = threading.Condition(self._lock)
         self._queue: collections.deque[_Request] = collections.deque()
         self._queued_items = 0
-        self._running: Slices = []
+        self._running: dict[int, Slices] = {}  # by worker thread
         self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
+        self._threads = threads
 
     @property
     def queued_items(self) -> int:
@@ -73,22 +79,25 @@ class Batcher:
         return self._queued_items
 
     def start(self) -> None:
-        """Start the batcher's thread; results are delivered on the running event loop."""
+        """Start the batcher's threads; results are delivered on the running event loop."""
         self._loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._work, name=f"{self.part}-inference", daemon=True)
-        self._thread.start()
+        for worker in range(self._threads):
+            name = f"{self.part}-inference-{worker}"
+            threading.Thread(target=self._work, args=(worker,), name=name, daemon=True).start()
 
     async def stop(self) -> None:
         """Fail waiting and running requests with ModelNotReady and let the thread end.
 
         A run in progress finishes in the thread; nobody receives its results.
         """
-        with self._condition:
+        with self._lock:
             self._stopping = True
-            abandoned = [*self._queue, *(request for request, _, _ in self._running)]
+            running = (request for slices in self._running.values() for request, _, _ in slices)
+            abandoned = [*self._queue, *running]
             self._queue.clear()
             self._set_queued_items(0)
-            self._condition.notify()
+            self._work_queued.notify_all()
+            self._full_batch_queued.notify_all()
         for request in abandoned:
             self._abandon(request)
 
@@ -103,13 +112,13 @@ class Batcher:
         if self._loop is None:
             raise RuntimeError("Batcher.start() was not called")
         request = _Request(items, self._loop.create_future(), time.monotonic())
-        with self._condition:
+        with self._lock:
             if self._stopping:
                 raise ModelNotReady(f"the server is shutting down the {self.part}; retry")
             self.check_room(count)
             self._queue.append(request)
             self._set_queued_items(self._queued_items + count)
-            self._condition.notify()
+            self._notify_workers()
         try:
             return await request.future
         except asyncio.CancelledError:
@@ -126,7 +135,7 @@ class Batcher:
     def _drop(self, request: _Request) -> None:
         """Remove a cancelled request's not-yet-started items from the queue."""
         request.future.cancel()
-        with self._condition:
+        with self._lock:
             if request.taken < len(request.items):
                 try:
                     self._queue.remove(request)
@@ -139,29 +148,47 @@ class Batcher:
         if self._metrics is not None:
             self._metrics.queue_depth.set(value)
 
-    def _work(self) -> None:
-        """The batcher's thread: wait for a batch, run it, hand the outputs to the loop; until stopped."""
+    def _work(self, worker: int) -> None:
+        """One batcher thread: wait for a batch, run it, hand the outputs to the loop; until stopped.
+
+        Thread 0 runs whatever is queued; the others start only full batches, so under light load there
+        are as few and as large runs as with one thread, and under a backlog the runs overlap.
+        """
         while True:
-            with self._condition:
-                while True:
+            with self._lock:
+                while not self._batch_ready(worker):
                     if self._stopping:
                         return
-                    if not self._queue:
-                        self._condition.wait()
-                        continue
-                    delay = self._queue[0].enqueued_at + self._max_wait_seconds - time.monotonic()
-                    if delay <= 0 or self._queued_items >= self._max_batch_size:
-                        break
-                    self._condition.wait(delay)
-                slices = self._running = self._take_batch(time.monotonic())
+                    if worker == 0 and self._queue:
+                        delay = self._queue[0].enqueued_at + self._max_wait_seconds - time.monotonic()
+                        self._work_queued.wait(delay)
+                    else:
+                        (self._work_queued if worker == 0 else self._full_batch_queued).wait()
+                slices = self._running[worker] = self._take_batch(time.monotonic())
+                self._notify_workers()
             result = self._run_batch(slices)
-            with self._condition:
-                self._running = []
+            with self._lock:
+                del self._running[worker]
             assert self._loop is not None
             try:
                 self._loop.call_soon_threadsafe(self._deliver, slices, result)
             except RuntimeError:  # the event loop has closed: nobody is waiting any more
                 return
+
+    def _batch_ready(self, worker: int) -> bool:
+        """Whether `worker` should take a batch now (call with the lock held)."""
+        if self._stopping or not self._queue:
+            return False
+        if self._queued_items >= self._max_batch_size:
+            return True
+        return worker == 0 and self._queue[0].enqueued_at + self._max_wait_seconds <= time.monotonic()
+
+    def _notify_workers(self) -> None:
+        """Wake thread 0 for any queued work, another thread for a full batch (call with the lock held)."""
+        if self._queue:
+            self._work_queued.notify()
+        if self._queued_items >= self._max_batch_size:
+            self._full_batch_queued.notify()
 
     def _take_batch(self, now: float) -> Slices:
         """Take up to max_batch_size items off the queue: [(request, start, stop), ...] in order."""
@@ -208,8 +235,9 @@ class Batcher:
         for request, start, stop in slices:
             count = stop - start
             if not request.future.done():
-                request.pieces.append(tuple(output[offset : offset + count] for output in outputs))
-                if stop == len(request.items):
+                request.pieces[start] = tuple(output[offset : offset + count] for output in outputs)
+                request.done += count
+                if request.done == len(request.items):
                     request.future.set_result(self._assemble(request.pieces))
             offset += count
 
@@ -224,7 +252,8 @@ class Batcher:
             self._drop(request)
 
     @staticmethod
-    def _assemble(pieces: list[Outputs]) -> Outputs:
+    def _assemble(pieces: dict[int, Outputs]) -> Outputs:
         if len(pieces) == 1:
-            return pieces[0]
-        return tuple(np.concatenate(parts) for parts in zip(*pieces, strict=True))
+            return next(iter(pieces.values()))
+        in_order = [pieces[start] for start in sorted(pieces)]
+        return tuple(np.concatenate(parts) for parts in zip(*in_order, strict=True))

@@ -34,12 +34,21 @@ class Settings(BaseSettings):
             "it, and 'cpu' always uses the CPU."
         ),
     )
+    inference_threads: int = Field(
+        # Two runs of one thread each beat one run of two threads on 2 cores: small convolutions scale
+        # poorly across threads, and the runs also overlap their Python work (benchmarks/, issue 5).
+        default=2,
+        ge=1,
+        description=(
+            "Each model part (encoder, decoder) runs up to this many batches at once, each on its own thread."
+        ),
+    )
     intra_op_threads: int = Field(
         default=0,
         ge=0,
         description=(
-            "Each onnxruntime operator may use this many threads; zero lets onnxruntime choose one per "
-            "physical core."
+            "Each onnxruntime operator may use this many threads; zero gives each inference thread an equal "
+            "share of the usable CPU cores (at least one)."
         ),
     )
     max_batch_size: int = Field(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -43,6 +44,13 @@ def select_providers(requested: ExecutionProvider, available: Sequence[str]) -> 
             "install onnxruntime-gpu with a matching CUDA runtime, or use --execution-provider auto or cpu"
         )
     return [CPU]
+
+
+def intra_op_threads(settings: Settings) -> int:
+    """onnxruntime threads per run: the setting, or the usable cores shared among the inference threads."""
+    if settings.intra_op_threads:
+        return settings.intra_op_threads
+    return max(1, len(os.sched_getaffinity(0)) // settings.inference_threads)
 
 
 def _check_dims(what: str, actual: Sequence[object], expected: Sequence[int]) -> None:
@@ -127,7 +135,7 @@ class Engine:
         manifest, paths = load_model_dir(model_dir)
         providers = select_providers(settings.execution_provider, ort.get_available_providers())
         options = ort.SessionOptions()
-        options.intra_op_num_threads = settings.intra_op_threads
+        options.intra_op_num_threads = intra_op_threads(settings)
         options.inter_op_num_threads = 1
         # Idle onnxruntime threads spinning between batches would steal the CPU the event loop needs.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -226,6 +234,7 @@ class Engine:
             "max_batch_size": settings.max_batch_size,
             "max_wait_ms": settings.max_wait_ms,
             "max_queue_items": settings.max_queue_items,
+            "threads": settings.inference_threads,
         }
         self._encoder_batcher = Batcher(
             self.run_encoder, part="encoder", metrics=metrics.for_part("encoder"), **batching

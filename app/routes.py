@@ -315,7 +315,9 @@ async def model_info(request: Request, response: Response) -> dict[str, Any]:
             "manifest": engine.manifest.model_dump(mode="json"),
             "provider": engine.provider,
             "providers": engine.providers,
-            "batching": settings.model_dump(include={"max_batch_size", "max_wait_ms", "max_queue_items"}),
+            "batching": settings.model_dump(
+                include={"max_batch_size", "max_wait_ms", "max_queue_items", "inference_threads"}
+            ),
             "limits": settings.model_dump(
                 include={
                     "request_timeout_seconds",

@@ -281,7 +281,12 @@ def test_health_ready_and_model(client: TestClient, mnist_model_dir: Any) -> Non
     info = client.get("/model").json()
     assert info["manifest"]["latent_dim"] == 16 and info["manifest"]["image"]["channels"] == 1
     assert info["provider"] == "CPUExecutionProvider"
-    assert info["batching"] == {"max_batch_size": 16, "max_wait_ms": 0.0, "max_queue_items": 4096}
+    assert info["batching"] == {
+        "max_batch_size": 16,
+        "max_wait_ms": 0.0,
+        "max_queue_items": 4096,
+        "inference_threads": 2,
+    }
     assert info["limits"]["max_sample_n"] == 64
 
 

@@ -271,3 +271,32 @@ def test_any_mix_of_requests_is_split_and_reassembled_in_order(sizes: list[int],
     assert [len(run) for run in model.runs] == [max_batch_size] * (total // max_batch_size) + (
         [total % max_batch_size] if total % max_batch_size else []
     )
+
+
+@pytest.mark.asyncio
+async def test_threads_run_batches_at_once_and_reassemble_out_of_order_runs() -> None:
+    first_run_may_finish = threading.Event()
+    second_run_done = threading.Event()
+    calls: list[list[float]] = []
+
+    def model(batch: np.ndarray) -> Outputs:
+        calls.append(batch.tolist())
+        if len(calls) == 1:  # the first run finishes only after the second one has
+            assert first_run_may_finish.wait(timeout=10)
+        else:
+            second_run_done.set()
+        return (batch * 2,)
+
+    batcher = Batcher(model, part="decoder", max_batch_size=2, max_wait_ms=0, max_queue_items=8, threads=2)
+    batcher.start()
+    try:
+        result = asyncio.ensure_future(batcher.submit(items(1, 2, 3, 4)))
+        assert await asyncio.to_thread(second_run_done.wait, 10)  # ran while the first run was still going
+        assert not result.done()
+        first_run_may_finish.set()
+        (doubled,) = await result
+    finally:
+        first_run_may_finish.set()
+        await batcher.stop()
+    assert calls == [[1, 2], [3, 4]]
+    assert doubled.tolist() == [2, 4, 6, 8]

@@ -46,6 +46,8 @@ async def gated_app(
     settings: Settings,
 ) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient, type[GatedEngine]]]:
     gated = type("Gated", (GatedEngine,), {"gate": threading.Event(), "running": threading.Event()})
+    # One inference thread: while the gated run holds it, later items wait in the queue.
+    settings = settings.model_copy(update={"inference_threads": 1})
     gated.gate.set()
     engine = gated.load(settings)
     gated.gate.clear()
