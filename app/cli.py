@@ -64,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"vae-serve: error: cannot serve the model: {error}", file=sys.stderr)
         return 1
     app = create_app(settings, engine, reload_on_sighup=True)
-    tune_garbage_collector()
+    tune_interpreter()
     # uvicorn re-raises SIGTERM once its graceful shutdown is done; by then stopping is a success (status 0).
     signal.signal(signal.SIGTERM, _exit_cleanly)
     uvicorn.run(
@@ -83,10 +83,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 # thousands of young objects alive, so at the default every few requests pay for a collection that frees
 # little and promotes the survivors, which then cost older, slower collections: 13% of /encode's time.
 YOUNG_GENERATION_THRESHOLD = 20_000
+# How long a thread may hold the GIL while another waits (CPython's default is 5 ms). The inference threads
+# need it briefly around each run; behind a busy event loop each such wait took up to 5 ms, which set
+# /encode's p99 (67 ms at 64 connections; 44 ms at 0.5 ms).
+GIL_SWITCH_INTERVAL_SECONDS = 0.0005
 
 
-def tune_garbage_collector() -> None:
-    """Freeze the start-up heap (FastAPI, pydantic, onnxruntime) out of collection; collect less often.
+def tune_interpreter() -> None:
+    """Freeze the start-up heap out of garbage collection, collect less often, and hand the GIL over sooner.
 
     Memory stays bounded: reference counting frees almost everything, the collector only finds cycles.
     """
@@ -94,6 +98,7 @@ def tune_garbage_collector() -> None:
     gc.freeze()
     _, *older = gc.get_threshold()
     gc.set_threshold(YOUNG_GENERATION_THRESHOLD, *older)
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_SECONDS)
 
 
 def _exit_cleanly(signum: int, frame: FrameType | None) -> None:

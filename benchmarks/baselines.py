@@ -30,7 +30,7 @@ from fastapi.responses import Response
 from PIL import Image
 from pydantic import BaseModel
 
-from app.cli import tune_garbage_collector
+from app.cli import tune_interpreter
 from app.images import encode_png_grid, encode_pngs
 from model.manifest import load_model_dir
 
@@ -211,7 +211,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.kind == "http-ceiling":
         app = create_http_ceiling_app(args.encode_response.read_bytes())
-        tune_garbage_collector()  # the service's process setting, so the ceiling bounds it fairly
+        tune_interpreter()  # the service's process settings, so the ceiling bounds it fairly
     else:
         app = create_naive_app(args.model_dir)
     # The service's own call (app/cli.py): uvicorn's defaults (uvloop, httptools), one worker.

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import gc
 import io
+import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from app.cli import YOUNG_GENERATION_THRESHOLD, tune_garbage_collector
+from app.cli import GIL_SWITCH_INTERVAL_SECONDS, YOUNG_GENERATION_THRESHOLD, tune_interpreter
 from app.errors import ImageTooLarge, InvalidLatents, NonFiniteValues
 from app.images import decode_images, encode_png_grid, encode_pngs, grid_shape, to_uint8
 from app.latents import interpolate, latents_array, reparameterize, sample_latents
@@ -123,12 +124,14 @@ def test_slerp_falls_back_to_linear_for_parallel_and_zero_vectors() -> None:
         )
 
 
-def test_garbage_collector_tuning_freezes_the_start_up_heap() -> None:
-    threshold = gc.get_threshold()
+def test_interpreter_tuning_freezes_the_start_up_heap_and_shortens_the_switch_interval() -> None:
+    threshold, switch_interval = gc.get_threshold(), sys.getswitchinterval()
     try:
-        tune_garbage_collector()
+        tune_interpreter()
         assert gc.get_threshold() == (YOUNG_GENERATION_THRESHOLD, *threshold[1:])
         assert gc.get_freeze_count() > 0
+        assert sys.getswitchinterval() == pytest.approx(GIL_SWITCH_INTERVAL_SECONDS)
     finally:
         gc.unfreeze()
         gc.set_threshold(*threshold)
+        sys.setswitchinterval(switch_interval)
