@@ -44,7 +44,7 @@ from model.manifest import DEFAULT_MODEL_DIR, MANIFEST_FILENAME, read_manifest
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 DEFAULT_JSON_PATH = RESULTS_DIR / "latest.json"
-# Each server's output (uvicorn's access log included), overwritten by the next run.
+# Each server's output (and uvicorn's access log with VAE_ACCESS_LOG=true), overwritten by the next run.
 LOG_DIR = RESULTS_DIR / "logs"
 SCENARIO_NAMES = list(build_scenarios())
 

@@ -99,7 +99,7 @@ class ServerProcess:
         self.env = {**os.environ, **(env or {})}
         self.ready_path = ready_path
         self.ready_seconds: float | None = None
-        # stdout and stderr (uvicorn's access log included) go to log_dir/<name>.log; no log_dir: a temp dir.
+        # stdout and stderr (with the access log, if on) go to log_dir/<name>.log; no log_dir: a temp dir.
         log_dir = log_dir if log_dir is not None else Path(tempfile.mkdtemp(prefix="vae-bench-logs-"))
         log_dir.mkdir(parents=True, exist_ok=True)
         self._log = (log_dir / f"{name}.log").open("wb")
