@@ -87,6 +87,7 @@ class _Guard:
         self.response_started = False
         self.response_complete = False
         self.deadline: asyncio.Timeout | None = None
+        self.expires_at = 0.0
         self.watch_timer: asyncio.TimerHandle | None = None
         self.watch_wanted = False
         self.watcher: asyncio.Task[None] | None = None
@@ -117,13 +118,21 @@ class _Guard:
             self.response_complete = True
         await self.send(message)
 
-    def watch_later(self, deadline: asyncio.Timeout) -> None:
-        """Arm the deadline, and watch for a disconnect once the request has taken a while."""
+    def watch_later(self, deadline: asyncio.Timeout, timeout_seconds: float) -> None:
+        """Arm the deadline, and watch for a disconnect once the request has taken a while.
+
+        One timer does both: most requests are answered before it fires, so they never pay for a second.
+        """
         self.deadline = deadline
         loop = asyncio.get_running_loop()
+        self.expires_at = loop.time() + timeout_seconds
+        if timeout_seconds <= WATCH_FOR_DISCONNECT_AFTER_SECONDS:
+            deadline.reschedule(self.expires_at)
         self.watch_timer = loop.call_later(WATCH_FOR_DISCONNECT_AFTER_SECONDS, self._want_watcher)
 
     def _want_watcher(self) -> None:
+        if self.deadline is not None and self.deadline.when() is None:
+            self.deadline.reschedule(self.expires_at)
         self.watch_wanted = True
         if self.body_done:  # otherwise the app still reads the body; start when it has it all
             self._start_watcher()
@@ -198,8 +207,8 @@ class RequestGuardMiddleware:
         body_expected = content_length not in (None, "0") or "transfer-encoding" in headers
         guard = _Guard(receive, send, self.max_body_bytes, body_expected)
         try:
-            async with asyncio.timeout(self.timeout_seconds) as deadline:
-                guard.watch_later(deadline)
+            async with asyncio.timeout(None) as deadline:  # armed by the guard's timer
+                guard.watch_later(deadline, self.timeout_seconds)
                 await self.app(scope, guard.receive_for_app, guard.send_from_app)
         except TimeoutError:
             guard.stop_watching()
