@@ -58,9 +58,11 @@ async def read_form(request: Request, max_files: int) -> FormValues:
             raise LimitExceeded("the number of uploaded files", f"more than {max_files}", max_files) from None
         raise InvalidRequest(f"the multipart body cannot be parsed: {error.detail}") from None
     values = {}
-    for name, value in form.multi_items():
-        values.setdefault(name, []).append(await value.read() if isinstance(value, UploadFile) else value)
-    await form.close()
+    try:
+        for name, value in form.multi_items():
+            values.setdefault(name, []).append(await value.read() if isinstance(value, UploadFile) else value)
+    finally:
+        await form.close()
     return values
 
 

@@ -9,42 +9,54 @@ Starlette's parser, so unusual bodies get the same answer as before, only slower
 
 from __future__ import annotations
 
+import codecs
 import re
 
-# One part: its field name and, for a file upload, its filename ("" is still a file, as in Starlette).
+from python_multipart.multipart import parse_options_header
+
+# One part: its field name, its filename for a file upload ("" is still a file, as in Starlette), its bytes.
 Part = tuple[str, str | None, bytes]
 
-_BOUNDARY = re.compile(r';\s*boundary=(?:"([^"]{1,70})"|([^\s;"]{1,70}))', re.IGNORECASE)
 _DISPOSITION = re.compile(rb'form-data((?:; ?[A-Za-z]+="[^"\\\r\n]*")+)', re.IGNORECASE)
 _PARAMETER = re.compile(rb'; ?([A-Za-z]+)="([^"\\\r\n]*)"')
-# Starlette's limits for a text field and its "_charset_" convention; bodies touching them take its path.
+# Starlette's limit for a text field; larger ones take its path (and get its error).
 MAX_TEXT_FIELD_BYTES = 1024 * 1024
-_CHARSET_FIELD = "_charset_"
+# Part headers as clients write them are short: longer ones, or more of them, are left to python-multipart,
+# which has its own limits on both.
+MAX_HEADER_LINE_BYTES = 1024
+_CHARSET_FIELD = "_charset_"  # a form's own charset declaration (RFC 7578): left to the general parser
 
 
 def boundary_of(content_type: str) -> bytes | None:
-    """The boundary parameter of a multipart Content-Type header, or None."""
-    match = _BOUNDARY.search(content_type)
-    if match is None:
-        return None
-    return (match.group(1) or match.group(2)).encode("latin-1")
+    """The boundary of a multipart Content-Type, read as Starlette reads it; None without one, or when the
+    header names a charset other than UTF-8 (Starlette decodes field names and text with it)."""
+    _, parameters = parse_options_header(content_type)
+    charset = parameters.get(b"charset")
+    if charset is not None:
+        try:
+            if codecs.lookup(charset.decode("latin-1")).name != "utf-8":
+                return None
+        except LookupError:
+            return None
+    return parameters.get(b"boundary") or None
 
 
 def _part_header(block: bytes) -> tuple[str, str | None] | None:
     """(name, filename or None) from a part's header lines; None unless they are the plain layout."""
+    lines = block.split(b"\r\n")
+    if len(lines) > 2 or any(b"\r" in line or b"\n" in line for line in lines):
+        return None  # more than Content-Disposition and Content-Type, or a bare CR or LF
     name = filename = None
-    if b"\r" in block.replace(b"\r\n", b"") or b"\n" in block.replace(b"\r\n", b""):
-        return None  # a bare CR or LF: python-multipart refuses it, so must we
-    for line in block.split(b"\r\n"):
+    for line in lines:
         header, colon, value = line.partition(b":")
+        if not colon or len(line) > MAX_HEADER_LINE_BYTES:
+            return None
         header = header.lower()
-        if not colon or header == b"content-type":
-            if not colon:
-                return None
+        if header == b"content-type":
             continue
         if header != b"content-disposition" or name is not None:
             return None
-        disposition = _DISPOSITION.fullmatch(value.strip())
+        disposition = _DISPOSITION.fullmatch(value.strip(b" \t"))
         if disposition is None:
             return None
         parameters: dict[bytes, bytes] = {}

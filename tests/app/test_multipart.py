@@ -91,10 +91,20 @@ def test_splits_the_bodies_httpx_writes() -> None:
     assert fast_parts(body, boundary.decode()) == starlette_parts(body, content_type)
 
 
-def test_reads_quoted_and_plain_boundaries() -> None:
+def test_reads_the_boundary_as_starlette_does() -> None:
     assert boundary_of('multipart/form-data; boundary="a b:c"') == b"a b:c"
-    assert boundary_of("multipart/form-data; charset=utf-8; Boundary=xyz") == b"xyz"
+    assert boundary_of('multipart/form-data; boundary="a\\\\b"') == b"a\\b"  # quoted-string escape
+    assert boundary_of("multipart/form-data; boundary=" + "x" * 100) == b"x" * 100
+    assert boundary_of("multipart/form-data; charset=UTF-8; boundary=xyz") == b"xyz"
     assert boundary_of("multipart/form-data") is None
+
+
+def test_defers_other_charsets_to_starlette() -> None:
+    """Starlette decodes names and text fields with the declared charset; the fast parser knows only UTF-8."""
+    content_type = f"multipart/form-data; charset=latin-1; boundary={BOUNDARY}"
+    body = body_of([("steps", None, "é".encode())])
+    assert boundary_of(content_type) is None
+    assert starlette_parts(body, content_type) == [("steps", None, "Ã©")]
 
 
 def test_an_empty_file_name_is_still_a_file() -> None:
@@ -114,6 +124,9 @@ def test_defers_unusual_layouts_to_starlette() -> None:
         plain.replace(b"form-data;", b"attachment;"),
         plain[: plain.rindex(b"--\r\n")],  # no closing delimiter
         plain.replace(f"--{BOUNDARY}\r\nContent".encode(), f"--{BOUNDARY}  \r\nContent".encode()),
+        plain.replace(b'name="file"', b'name="file"\x0b'),  # python-multipart strips only space and tab
+        plain.replace(b"a.png", b"a" * 2000 + b".png"),  # a header line longer than clients write
+        plain.replace(b"Content-Type:", b"Content-Type: image/png\r\nContent-Type:"),  # a third header line
     ]
     for body in unusual:
         assert parse_form(body, BOUNDARY.encode()) is None, body
