@@ -86,9 +86,9 @@ class Batcher:
             threading.Thread(target=self._work, args=(worker,), name=name, daemon=True).start()
 
     async def stop(self) -> None:
-        """Fail waiting and running requests with ModelNotReady and let the thread end.
+        """Fail waiting and running requests with ModelNotReady and let the threads end.
 
-        A run in progress finishes in the thread; nobody receives its results.
+        Runs in progress finish in their threads; nobody receives their results.
         """
         with self._lock:
             self._stopping = True
@@ -126,7 +126,11 @@ class Batcher:
             raise
 
     def check_room(self, count: int = 1) -> None:
-        """Raise QueueFull (and count it) unless the queue can take `count` more items now."""
+        """Raise QueueFull (and count it) unless the queue can take `count` more items now.
+
+        Without the lock (the request guard's early check) the answer may be a moment old; `submit` checks
+        again under it.
+        """
         if self._queued_items + count > self._max_queue_items:
             if self._metrics is not None:
                 self._metrics.rejected_queue_full.inc()
@@ -210,20 +214,21 @@ class Batcher:
 
     def _run_batch(self, slices: Slices) -> Outputs | Exception:
         """Run the model on the slices' items, in the batcher's thread: its outputs, or what it raised."""
-        if len(slices) == 1 and slices[0][1] == 0 and slices[0][2] == len(slices[0][0].items):
-            batch = slices[0][0].items  # one whole request: no copy
-        else:
-            batch = np.concatenate([request.items[start:stop] for request, start, stop in slices])
         started = time.perf_counter()
+        count = sum(stop - start for _, start, stop in slices)
         try:
+            if len(slices) == 1 and slices[0][1] == 0 and slices[0][2] == len(slices[0][0].items):
+                batch = slices[0][0].items  # one whole request: no copy
+            else:
+                batch = np.concatenate([request.items[start:stop] for request, start, stop in slices])
             return self._run(batch)
         except Exception as error:  # the run failed: every request in this batch fails with it
             return error
         finally:
             if self._metrics is not None:
                 self._metrics.inference_duration_seconds.observe(time.perf_counter() - started)
-                self._metrics.batch_size.observe(len(batch))
-                self._metrics.items_processed.inc(len(batch))
+                self._metrics.batch_size.observe(count)
+                self._metrics.items_processed.inc(count)
 
     def _deliver(self, slices: Slices, outputs: Outputs | Exception) -> None:
         """On the event loop: resolve the requests whose last items were in this run."""

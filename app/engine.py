@@ -50,7 +50,8 @@ def intra_op_threads(settings: Settings) -> int:
     """onnxruntime threads per run: the setting, or the usable cores shared among the inference threads."""
     if settings.intra_op_threads:
         return settings.intra_op_threads
-    return max(1, len(os.sched_getaffinity(0)) // settings.inference_threads)
+    usable_cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, usable_cores // settings.inference_threads)
 
 
 def _check_dims(what: str, actual: Sequence[object], expected: Sequence[int]) -> None:

@@ -20,7 +20,7 @@ from app.errors import install_error_handlers
 from app.metrics import Metrics
 from app.middleware import MetricsMiddleware, RequestGuardMiddleware
 from app.reload import ModelReloader
-from app.routes import FIRST_QUEUE_BY_PATH, MODEL_VERSION_HEADER, router
+from app.routes import FIRST_QUEUE_BY_ROUTE, MODEL_VERSION_HEADER, router
 
 DESCRIPTION = """\
 Encode, decode, sample, reconstruct and interpolate with a variational autoencoder on onnxruntime.
@@ -93,7 +93,7 @@ def create_app(
         timeout_seconds=settings.request_timeout_seconds,
         max_body_bytes=settings.max_body_bytes,
         serving_engine=lambda: app.state.engine,
-        first_queue_by_path=FIRST_QUEUE_BY_PATH,
+        first_queue_by_route=FIRST_QUEUE_BY_ROUTE,
     )
     app.add_middleware(
         ApiKeyMiddleware,

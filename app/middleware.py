@@ -173,20 +173,20 @@ class RequestGuardMiddleware:
         timeout_seconds: float,
         max_body_bytes: int,
         serving_engine: Callable[[], Engine | None],
-        first_queue_by_path: Mapping[str, str],
+        first_queue_by_route: Mapping[tuple[str, str], str],
     ) -> None:
         self.app = app
         self.metrics = metrics
         self.timeout_seconds = timeout_seconds
         self.max_body_bytes = max_body_bytes
         self.serving_engine = serving_engine
-        self.first_queue_by_path = first_queue_by_path
+        self.first_queue_by_route = first_queue_by_route
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        part = self.first_queue_by_path.get(scope["path"])
+        part = self.first_queue_by_route.get((scope["method"], scope["path"]))
         if part is not None and (engine := self.serving_engine()) is not None:
             # Shed load before parsing: the request's first queue is full, so it would get this 503 anyway,
             # after costing several times more CPU. Cheap refusals keep results flowing under overload.

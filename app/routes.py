@@ -34,11 +34,11 @@ OPS_TAG = "operations"
 MODEL_VERSION_HEADER = "X-Model-Version"
 # The queue each route's items always enter first; while it is full, the request guard refuses the route
 # with 503 before parsing (/interpolate's first queue depends on its body, so it is not listed).
-FIRST_QUEUE_BY_PATH = {
-    "/encode": "encoder",
-    "/reconstruct": "encoder",
-    "/decode": "decoder",
-    "/sample": "decoder",
+FIRST_QUEUE_BY_ROUTE = {
+    ("POST", "/encode"): "encoder",
+    ("POST", "/reconstruct"): "encoder",
+    ("POST", "/decode"): "decoder",
+    ("GET", "/sample"): "decoder",
 }
 
 _IMAGE_UPLOAD_BODY: dict[str, Any] = {

@@ -97,16 +97,20 @@ class KeepAliveClient:
         try:
             writer.write(f"GET {path} HTTP/1.1\r\nHost: {self.host}\r\n\r\n".encode())
             head = await reader.readuntil(b"\r\n\r\n")
-            length = next(
-                int(line.split(b":", 1)[1])
-                for line in head.split(b"\r\n")
-                if line.lower().startswith(b"content-length:")
+            headers = dict(
+                (name.strip().lower(), value.strip())
+                for name, _, value in (line.partition(b":") for line in head.split(b"\r\n")[1:])
             )
-            body = await reader.readexactly(length)
+            if b"content-length" not in headers:
+                raise ConnectionError("a response without Content-Length")
+            body = await reader.readexactly(int(headers[b"content-length"]))
         except BaseException:
             writer.close()
             raise
-        self._idle.append((time.monotonic(), reader, writer))
+        if headers.get(b"connection", b"").lower() == b"close":
+            writer.close()
+        else:
+            self._idle.append((time.monotonic(), reader, writer))
         return int(head[9:12]), body
 
     def _reuse(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
@@ -137,7 +141,8 @@ async def closed_loop_rate(
         nonlocal completed
         seed = first_seed
         while time.monotonic() < stop_at:
-            status, body = await client.get(sample_path(seed))
+            async with asyncio.timeout(CLIENT_TIMEOUT_SECONDS):
+                status, body = await client.get(sample_path(seed))
             statuses[status] += 1
             if status == 200:
                 assert body == expected[seed], f"wrong result for seed {seed}"
