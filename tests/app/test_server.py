@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -82,18 +83,24 @@ def stop_server(process: subprocess.Popen[bytes], log: Path) -> None:
     assert "Application shutdown complete" in log.read_text()
 
 
-@pytest.fixture(scope="module")
-def server(mnist_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    tmp_path = tmp_path_factory.mktemp("server")
-    process, base_url, log = start_server(
-        tmp_path,
-        *("--model-dir", str(mnist_model_dir), "--max-batch-size", "16", "--max-wait-ms", "50"),
-        *("--max-body-bytes", "200000", "--max-image-pixels", "250000", "--max-sample-n", "32"),
-    )
+@contextmanager
+def serving(tmp_path: Path, *flags: str) -> Iterator[tuple[str, Path]]:
+    """A running vae-serve's base URL and log file; stopped gracefully (and checked) on exit."""
+    process, base_url, log = start_server(tmp_path, *flags)
     try:
-        yield base_url
+        yield base_url, log
     finally:
         stop_server(process, log)
+
+
+@pytest.fixture(scope="module")
+def server(mnist_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with serving(
+        tmp_path_factory.mktemp("server"),
+        *("--model-dir", str(mnist_model_dir), "--max-batch-size", "16", "--max-wait-ms", "50"),
+        *("--max-body-bytes", "200000", "--max-image-pixels", "250000", "--max-sample-n", "32"),
+    ) as (base_url, _):
+        yield base_url
 
 
 def png() -> bytes:
@@ -251,8 +258,7 @@ def test_cuda_requested_without_cuda_stops_with_one_clear_message(mnist_model_di
     reason="the shipped default model is not committed yet",
 )
 def test_serves_the_shipped_default_model(tmp_path: Path) -> None:
-    process, base_url, log = start_server(tmp_path)
-    try:
+    with serving(tmp_path) as (base_url, log):
         info = httpx.get(base_url + "/model", timeout=10).json()
         assert info["manifest"]["image"] == {
             "channels": 1,
@@ -263,34 +269,25 @@ def test_serves_the_shipped_default_model(tmp_path: Path) -> None:
         assert info["manifest"]["latent_dim"] == 16
         sample = httpx.get(base_url + "/sample?n=4&seed=0", timeout=30)
         assert sample.status_code == 200 and len(sample.json()["images"]) == 4
-    finally:
-        stop_server(process, log)
     assert "GET /sample" not in log.read_text()  # no access log by default
 
 
 def test_access_log_on_request(tmp_path: Path) -> None:
-    process, base_url, log = start_server(tmp_path, "--access-log", "true")
-    try:
+    with serving(tmp_path, "--access-log", "true") as (base_url, log):
         assert httpx.get(base_url + "/healthz", timeout=10).status_code == 200
-    finally:
-        stop_server(process, log)
     assert '"GET /healthz HTTP/1.1" 200' in log.read_text()
 
 
 @pytest.fixture(scope="module")
 def slow_batching_server(mnist_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A server whose lone requests wait 2 s for a batch to fill, with a 1 s deadline and a 4-item queue."""
-    tmp_path = tmp_path_factory.mktemp("slow-server")
     limits = ("--max-queue-items", "4", "--max-sample-n", "4", "--max-items-per-request", "4")
-    process, base_url, log = start_server(
-        tmp_path,
+    with serving(
+        tmp_path_factory.mktemp("slow-server"),
         *("--model-dir", str(mnist_model_dir), "--max-wait-ms", "2000", "--request-timeout-seconds", "1"),
         *(*limits, "--max-interpolation-steps", "4"),
-    )
-    try:
+    ) as (base_url, _):
         yield base_url
-    finally:
-        stop_server(process, log)
 
 
 def metric(base_url: str, line_start: str) -> float:
