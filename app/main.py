@@ -20,7 +20,7 @@ from app.errors import install_error_handlers
 from app.metrics import Metrics
 from app.middleware import MetricsMiddleware, RequestGuardMiddleware
 from app.reload import ModelReloader
-from app.routes import FIRST_QUEUE_BY_ROUTE, MODEL_VERSION_HEADER, router
+from app.routes import FIRST_QUEUE_BY_ROUTE, MODEL_VERSION_HEADER, query_router, router
 
 DESCRIPTION = """\
 Encode, decode, sample, reconstruct and interpolate with a variational autoencoder on onnxruntime.
@@ -71,9 +71,10 @@ def create_app(
     app.state.metrics = metrics
     app.state.engine = None
     install_error_handlers(app)
-    app.include_router(router)
-    app.include_router(admin_router)
-    routes = [*app.routes, *router.routes, *admin_router.routes]
+    routers = (query_router, router, admin_router)
+    for included in routers:
+        app.include_router(included)
+    routes = [*app.routes, *(route for included in routers for route in included.routes)]
     route_paths = frozenset(path for route in routes if isinstance(path := getattr(route, "path", None), str))
 
     def openapi() -> dict[str, Any]:

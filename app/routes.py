@@ -20,6 +20,7 @@ from app.inputs import images_to_array, read_image_blobs, read_interpolation
 from app.latents import SEED_LIMIT, interpolate, latents_array, pick_seed, reparameterize, sample_latents
 from app.metrics import Metrics
 from app.responses import ArrayJSONResponse, image_response
+from app.routing import QueryRoute
 from app.schemas import (
     DecodeRequest,
     EncodeResponse,
@@ -30,6 +31,8 @@ from app.schemas import (
 )
 
 router = APIRouter()
+# The endpoints that read the request themselves and take query parameters only: see app/routing.py.
+query_router = APIRouter(route_class=QueryRoute)
 OPS_TAG = "operations"
 MODEL_VERSION_HEADER = "X-Model-Version"
 # The queue each route's items always enter first; while it is full, the request guard refuses the route
@@ -148,7 +151,7 @@ async def _encode_uploads(
     return await engine.encode(images)
 
 
-@router.post(
+@query_router.post(
     "/encode",
     tags=[MODEL_TAG],
     response_model=EncodeResponse,
@@ -202,7 +205,7 @@ async def decode(
         return versioned(await image_response(request, await engine.decode(latents), image_format), engine)
 
 
-@router.get(
+@query_router.get(
     "/sample",
     tags=[MODEL_TAG],
     response_model=ImagesResponse,
@@ -231,7 +234,7 @@ async def sample(
         return versioned(response, engine)
 
 
-@router.post(
+@query_router.post(
     "/reconstruct",
     tags=[MODEL_TAG],
     response_model=ImagesResponse,
@@ -259,7 +262,7 @@ async def reconstruct(
         return versioned(response, engine)
 
 
-@router.post(
+@query_router.post(
     "/interpolate",
     tags=[MODEL_TAG],
     response_model=ImagesResponse,

@@ -1,0 +1,71 @@
+"""QueryRoute: a FastAPI route for endpoints that take the request and query parameters and return a Response.
+
+FastAPI's generic request handler (dependency solving, one validation per parameter, response serialisation)
+costs about 50 us per request, a fifth of /encode's time on the event loop. This route validates the whole
+query string with one pydantic model built from the endpoint's own `Query()` declarations, so the OpenAPI
+schema, the accepted values and the 422 errors stay FastAPI's, and then calls the endpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
+from pydantic import BaseModel, ValidationError, create_model
+from starlette.requests import Request
+from starlette.responses import Response
+
+
+class QueryRoute(APIRoute):
+    """An APIRouter's route_class; the endpoint must take only `request: Request` and scalar query
+    parameters (checked when the route is built), and return a Response."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        dependant = self.dependant
+        unsupported = (
+            dependant.path_params,
+            dependant.header_params,
+            dependant.cookie_params,
+            dependant.body_params,
+            dependant.dependencies,
+            dependant.response_param_name,
+            dependant.background_tasks_param_name,
+        )
+        if dependant.request_param_name is None or any(unsupported):
+            raise TypeError(f"{self.path}: a QueryRoute endpoint takes the Request and query parameters only")
+        query_model = _query_model(self.unique_id, dependant.query_params)
+        request_name, endpoint = dependant.request_param_name, self.endpoint
+        names = [field.name for field in dependant.query_params]
+
+        async def handler(request: Request) -> Response:
+            try:
+                query = query_model.model_validate(dict(request.query_params))
+            except ValidationError as error:
+                raise RequestValidationError(
+                    [{**item, "loc": ("query", *item["loc"])} for item in error.errors(include_url=False)]
+                ) from None
+            values = {name: getattr(query, name) for name in names}
+            response = await endpoint(**{request_name: request}, **values)
+            if not isinstance(response, Response):
+                raise TypeError(f"{self.path}: a QueryRoute endpoint must return a Response")
+            return response
+
+        return handler
+
+
+def _query_model(name: str, fields: list[Any]) -> type[BaseModel]:
+    """One model with the endpoint's query parameters as fields, each read from its URL name (alias)."""
+    for field in fields:
+        if field.field_info.annotation is None or _is_sequence(field.field_info.annotation):
+            raise TypeError(f"query parameter {field.alias!r}: a QueryRoute takes scalar parameters only")
+    definitions: dict[str, Any] = {
+        field.name: (field.field_info.annotation, field.field_info) for field in fields
+    }
+    return create_model(f"{name}_query", **definitions)
+
+
+def _is_sequence(annotation: Any) -> bool:
+    origin = getattr(annotation, "__origin__", None)
+    return origin in (list, tuple, set, frozenset)

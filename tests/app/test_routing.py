@@ -1,0 +1,87 @@
+"""QueryRoute reads query strings exactly as FastAPI's own route does: same values, same 422 problems."""
+
+from __future__ import annotations
+
+import inspect
+import typing
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlencode
+
+import pytest
+from fastapi import FastAPI, Request
+from fastapi.routing import APIRoute
+from fastapi.testclient import TestClient
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from starlette.responses import Response
+
+from app.errors import install_error_handlers
+from app.routes import query_router
+from app.routing import QueryRoute
+
+ROUTES = [route for route in query_router.routes if isinstance(route, APIRoute)]
+
+
+def echo_endpoint(endpoint: Callable[..., Any]) -> Callable[..., Any]:
+    """An endpoint with `endpoint`'s parameters that answers with the values it was called with."""
+
+    async def echo(**values: Any) -> Response:
+        values.pop("request")
+        return Response(repr(sorted(values.items())))
+
+    hints = typing.get_type_hints(endpoint, include_extras=True)
+    signature = inspect.signature(endpoint)
+    echo.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=[
+            parameter.replace(annotation=hints[name]) for name, parameter in signature.parameters.items()
+        ]
+    )
+    return echo
+
+
+def client_for(route_class: type[APIRoute]) -> TestClient:
+    app = FastAPI()
+    install_error_handlers(app)
+    for route in ROUTES:
+        app.router.add_api_route(
+            route.path,
+            echo_endpoint(route.endpoint),
+            methods=list(route.methods),
+            route_class_override=route_class,
+        )
+    return TestClient(app)
+
+
+FASTAPI_CLIENT, QUERY_ROUTE_CLIENT = client_for(APIRoute), client_for(QueryRoute)
+KEYS = sorted(
+    {name for route in ROUTES for field in route.dependant.query_params for name in (field.alias, field.name)}
+)
+VALUES = st.one_of(
+    st.integers(min_value=-(2**70), max_value=2**70).map(str),
+    st.floats().map(str),
+    st.sampled_from(
+        ["", "true", "false", "yes", "off", "2", "png", "array", "PNG", " 1", "1e3", "0x10", "nan"]
+    ),
+    st.text(max_size=8),
+)
+
+
+@pytest.mark.parametrize("route", ROUTES, ids=lambda route: route.path)
+@settings(max_examples=150, deadline=None, database=None)
+@given(query=st.lists(st.tuples(st.sampled_from([*KEYS, "other"]), VALUES), max_size=5))
+def test_query_route_reads_queries_like_fastapi(route: APIRoute, query: list[tuple[str, str]]) -> None:
+    method = next(iter(route.methods))
+    url = f"{route.path}?{urlencode(query)}"
+    expected = FASTAPI_CLIENT.request(method, url)
+    answered = QUERY_ROUTE_CLIENT.request(method, url)
+    assert (answered.status_code, answered.text) == (expected.status_code, expected.text)
+
+
+def test_query_route_refuses_endpoints_it_cannot_serve() -> None:
+    async def with_body(request: Request, latents: list[float]) -> Response:
+        return Response()
+
+    app = FastAPI()
+    with pytest.raises(TypeError, match="Request and query parameters only"):
+        app.router.add_api_route("/x", with_body, methods=["POST"], route_class_override=QueryRoute)
