@@ -72,12 +72,21 @@ class MetricsMiddleware:
 # Requests answered within this time never start a disconnect watcher (a task costs ~50 us per request);
 # slower ones, whose queued work is worth dropping, are watched from then on.
 WATCH_FOR_DISCONNECT_AFTER_SECONDS = 0.05
+# One timer for all requests checks deadlines and starts watchers this often (a timer per request cost 3%
+# of /encode); so a deadline fires up to this late.
+GUARD_TICK_SECONDS = 0.025
 
 
 class _Guard:
-    """One guarded request: its deadline, body bytes seen, response progress, disconnect watcher."""
+    """One guarded request: its deadline, body bytes seen, response progress, disconnect watcher.
 
-    def __init__(self, receive: Receive, send: Send, max_body_bytes: int, body_expected: bool) -> None:
+    Expiry cancels the request's task the way asyncio.timeout does; RequestGuardMiddleware's tick calls
+    `want_watcher` and `expire` on requests in flight.
+    """
+
+    def __init__(
+        self, receive: Receive, send: Send, max_body_bytes: int, body_expected: bool, timeout_seconds: float
+    ) -> None:
         self.receive = receive
         self.send = send
         self.max_body_bytes = max_body_bytes
@@ -86,11 +95,14 @@ class _Guard:
         self.app_saw_body_end = False
         self.response_started = False
         self.response_complete = False
-        self.deadline: asyncio.Timeout | None = None
-        self.expires_at = 0.0
-        self.watch_timer: asyncio.TimerHandle | None = None
-        self.watch_wanted = False
+        self.task = asyncio.current_task()
+        assert self.task is not None
+        self.cancelling = self.task.cancelling()  # cancellation requests from elsewhere, before the guard
+        self.cancelled = False  # the guard cancelled the task: deadline or disconnect
+        self.started_at = asyncio.get_running_loop().time()
+        self.expires_at = self.started_at + timeout_seconds
         self.watcher: asyncio.Task[None] | None = None
+        self.watch_wanted = False
         self.client_gone = asyncio.Event()
 
     async def receive_for_app(self) -> Message:
@@ -118,27 +130,19 @@ class _Guard:
             self.response_complete = True
         await self.send(message)
 
-    def watch_later(self, deadline: asyncio.Timeout, timeout_seconds: float) -> None:
-        """Arm the deadline, and watch for a disconnect once the request has taken a while.
-
-        One timer does both: most requests are answered before it fires, so they never pay for a second.
-        """
-        self.deadline = deadline
-        loop = asyncio.get_running_loop()
-        self.expires_at = loop.time() + timeout_seconds
-        if timeout_seconds <= WATCH_FOR_DISCONNECT_AFTER_SECONDS:
-            deadline.reschedule(self.expires_at)
-        self.watch_timer = loop.call_later(WATCH_FOR_DISCONNECT_AFTER_SECONDS, self._want_watcher)
-
-    def _want_watcher(self) -> None:
-        if self.deadline is not None and self.deadline.when() is None:
-            self.deadline.reschedule(self.expires_at)
+    def want_watcher(self) -> None:
         self.watch_wanted = True
         if self.body_done:  # otherwise the app still reads the body; start when it has it all
             self._start_watcher()
 
+    def expire(self) -> None:
+        """Cancel the request's work: its deadline passed, or its client left."""
+        if not self.cancelled and self.task is not None:
+            self.cancelled = True
+            self.task.cancel()
+
     def _start_watcher(self) -> None:
-        if self.watcher is None and self.deadline is not None:
+        if self.watcher is None and self.task is not None:
             self.watcher = asyncio.get_running_loop().create_task(self._watch())
 
     async def _watch(self) -> None:
@@ -146,17 +150,19 @@ class _Guard:
             message = await self.receive()
             if message["type"] == "http.disconnect":
                 break
-        if self.response_complete or self.deadline is None:
-            return
-        self.client_gone.set()
-        self.deadline.reschedule(asyncio.get_running_loop().time())  # cancel the request's work now
+        if not self.response_complete:
+            self.client_gone.set()
+            self.expire()
 
-    def stop_watching(self) -> None:
-        self.deadline = None
-        if self.watch_timer is not None:
-            self.watch_timer.cancel()
+    def stop(self) -> bool:
+        """Stop watching; True if the guard's cancellation, and no other, ended the task.
+
+        Like asyncio.timeout's exit, a cancellation the guard requested is withdrawn (`uncancel`) either way.
+        """
+        task, self.task = self.task, None
         if self.watcher is not None:
             self.watcher.cancel()
+        return task is not None and self.cancelled and task.uncancel() <= self.cancelling
 
 
 class RequestGuardMiddleware:
@@ -181,6 +187,10 @@ class RequestGuardMiddleware:
         self.max_body_bytes = max_body_bytes
         self.serving_engine = serving_engine
         self.first_queue_by_route = first_queue_by_route
+        # Requests in flight, in arrival order, which is deadline order: every request has the same timeout.
+        self._in_flight: dict[_Guard, None] = {}
+        self._ticker: asyncio.TimerHandle | None = None
+        self._ticker_loop: asyncio.AbstractEventLoop | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -205,21 +215,40 @@ class RequestGuardMiddleware:
             await self._answer(RequestTooLarge(self.max_body_bytes), scope, receive, send)
             return
         body_expected = content_length not in (None, "0") or "transfer-encoding" in headers
-        guard = _Guard(receive, send, self.max_body_bytes, body_expected)
+        guard = _Guard(receive, send, self.max_body_bytes, body_expected, self.timeout_seconds)
+        self._track(guard)
         try:
-            async with asyncio.timeout(None) as deadline:  # armed by the guard's timer
-                guard.watch_later(deadline, self.timeout_seconds)
-                await self.app(scope, guard.receive_for_app, guard.send_from_app)
-        except TimeoutError:
-            guard.stop_watching()
-            if not deadline.expired():
+            await self.app(scope, guard.receive_for_app, guard.send_from_app)
+        except asyncio.CancelledError:
+            if not guard.stop():
                 raise
             if guard.client_gone.is_set() or guard.response_started:
                 return  # nobody to answer, or too late to change the answer
             self.metrics.requests_rejected.labels(reason="timeout").inc()
             await self._answer(DeadlineExceeded(self.timeout_seconds), scope, receive, send)
         finally:
-            guard.stop_watching()
+            guard.stop()
+            del self._in_flight[guard]
+
+    def _track(self, guard: _Guard) -> None:
+        self._in_flight[guard] = None
+        loop = asyncio.get_running_loop()
+        if self._ticker is None or self._ticker_loop is not loop:  # e.g. a test ran the app on another loop
+            self._ticker, self._ticker_loop = loop.call_later(GUARD_TICK_SECONDS, self._tick), loop
+
+    def _tick(self) -> None:
+        """Expire requests past their deadline, and watch those in flight for a while for a disconnect."""
+        now = asyncio.get_running_loop().time()
+        for guard in self._in_flight:  # oldest first; neither call below changes the dict
+            if now - guard.started_at < WATCH_FOR_DISCONNECT_AFTER_SECONDS and now < guard.expires_at:
+                break
+            if now >= guard.expires_at:
+                guard.expire()
+            else:
+                guard.want_watcher()
+        self._ticker = None
+        if self._in_flight:
+            self._ticker = asyncio.get_running_loop().call_later(GUARD_TICK_SECONDS, self._tick)
 
     @staticmethod
     async def _answer(error: VaeError, scope: Scope, receive: Receive, send: Send) -> None:

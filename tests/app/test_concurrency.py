@@ -127,10 +127,15 @@ async def test_full_queue_answers_503_with_retry_after(
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "timeout_seconds", [0.3, 0.02]
+)  # 0.02: before the guard would watch for a disconnect
 async def test_deadline_answers_504_and_drops_queued_work(
-    mnist_model_dir: Path, make_settings: Callable[..., Settings]
+    mnist_model_dir: Path, make_settings: Callable[..., Settings], timeout_seconds: float
 ) -> None:
-    settings = make_settings(mnist_model_dir, max_batch_size=2, max_wait_ms=0, request_timeout_seconds=0.3)
+    settings = make_settings(
+        mnist_model_dir, max_batch_size=2, max_wait_ms=0, request_timeout_seconds=timeout_seconds
+    )
     async with gated_app(settings) as (app, client, gated):
         running = asyncio.ensure_future(client.get("/sample?n=2&seed=1"))
         await asyncio.to_thread(gated.running.wait, 10)
@@ -142,7 +147,7 @@ async def test_deadline_answers_504_and_drops_queued_work(
         processed = sample_value(app, "vae_items_processed_total", {"part": "decoder"})
     for response in (first, queued):
         assert response.status_code == 504 and response.headers["content-type"] == "application/problem+json"
-        assert "0.3 s" in response.json()["detail"]
+        assert f"within {timeout_seconds} s" in response.json()["detail"]
     assert processed == 2 + 1
     assert sample_value(app, "vae_requests_rejected_total", {"reason": "timeout"}) == 2
     assert (
