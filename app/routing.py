@@ -39,14 +39,25 @@ class QueryRoute(APIRoute):
         request_name, endpoint = dependant.request_param_name, self.endpoint
         names = [field.name for field in dependant.query_params]
 
-        async def handler(request: Request) -> Response:
+        def query_values(query_string: dict[str, str]) -> dict[str, Any]:
             try:
-                query = query_model.model_validate(dict(request.query_params))
+                query = query_model.model_validate(query_string)
             except ValidationError as error:
                 raise RequestValidationError(
                     [{**item, "loc": ("query", *item["loc"])} for item in error.errors(include_url=False)]
                 ) from None
-            values = {name: getattr(query, name) for name in names}
+            return {name: getattr(query, name) for name in names}
+
+        try:  # what an empty query string means, worked out once
+            defaults: dict[str, Any] | None = query_values({})
+        except RequestValidationError:
+            defaults = None  # a parameter is required
+
+        async def handler(request: Request) -> Response:
+            if defaults is not None and not request.scope["query_string"]:
+                values = defaults
+            else:
+                values = query_values(dict(request.query_params))
             response = await endpoint(**{request_name: request}, **values)
             if not isinstance(response, Response):
                 raise TypeError(f"{self.path}: a QueryRoute endpoint must return a Response")
