@@ -32,12 +32,16 @@ from pydantic import BaseModel
 
 from app.cli import tune_interpreter
 from app.images import encode_png_grid, encode_pngs
+from app.main import FASTAPI_TELEMETRY
 from model.manifest import load_model_dir
 
 
 def create_http_ceiling_app(encode_response: bytes) -> FastAPI:
-    """/encode reads the uploaded file and returns `encode_response` as is; /readyz for start-up timing."""
-    app = FastAPI()
+    """/encode reads the uploaded file and returns `encode_response` as is; /readyz for start-up timing.
+
+    FastAPI is configured as the service configures it (its OpenTelemetry hooks off).
+    """
+    app = FastAPI(telemetry=FASTAPI_TELEMETRY)
 
     @app.get("/readyz")
     async def readyz() -> dict[str, str]:
