@@ -66,7 +66,13 @@ def _format_from_signature(data: bytes) -> str | None:
 
 
 def read_image_header(data: bytes, max_image_pixels: int) -> Image.Image:
-    """Open image bytes lazily (header only) and check the pixel count before anything is decoded."""
+    """Open image bytes lazily (header only) and check the pixel count before anything is decoded.
+
+    A plain PNG is decoded at once by `_plain_png` (its size is checked first there too).
+    """
+    plain = _plain_png(data, max_image_pixels)
+    if plain is not None:
+        return plain
     try:
         image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
     except UnidentifiedImageError:
@@ -86,6 +92,57 @@ def read_image_header(data: bytes, max_image_pixels: int) -> Image.Image:
     if width == 0 or height == 0:
         raise CorruptImage(f"the image is {width}x{height} pixels; it must not be empty")
     return image
+
+
+# IHDR of a plain PNG: 8 bits per sample, grayscale (0) or RGB (2), compression 0, filter 0, not interlaced.
+_PLAIN_PNG_RAW_MODES = {(8, 0, 0, 0, 0): "L", (8, 2, 0, 0, 0): "RGB"}
+
+
+def _plain_png(data: bytes, max_image_pixels: int) -> Image.Image | None:
+    """The decoded image, if `data` is a plain PNG: 8-bit gray or RGB, not interlaced, chunks IHDR, IDAT...,
+    IEND only, every checksum right. None for anything else, which then takes Pillow's general path.
+
+    Clients mostly send such PNGs; Pillow's Python chunk reader and loader take 3x longer than the C
+    decoder they end in, which this calls directly (PIL.Image.frombytes with the "zip" PNG decoder).
+    """
+    if not data.startswith(PNG_SIGNATURE) or len(data) < 45:  # signature, IHDR, IEND
+        return None
+    chunks: list[tuple[bytes, bytes]] = []
+    offset = len(PNG_SIGNATURE)
+    while offset + 12 <= len(data):
+        length, kind = struct.unpack_from(">I4s", data, offset)
+        end = offset + 8 + length
+        if end + 4 > len(data):
+            return None
+        body = data[offset + 8 : end]
+        if zlib.crc32(body, zlib.crc32(kind)) != struct.unpack_from(">I", data, end)[0]:
+            return None
+        chunks.append((kind, body))
+        offset = end + 4
+        if kind == b"IEND":
+            break
+    kinds = [kind for kind, _ in chunks]
+    if (
+        offset != len(data)
+        or len(kinds) < 3
+        or kinds[0] != b"IHDR"
+        or kinds[-1] != b"IEND"
+        or any(kind != b"IDAT" for kind in kinds[1:-1])
+        or len(chunks[0][1]) != 13
+        or chunks[-1][1]
+    ):
+        return None
+    width, height, *format_fields = struct.unpack(">IIBBBBB", chunks[0][1])
+    raw_mode = _PLAIN_PNG_RAW_MODES.get(tuple(format_fields))
+    pil_limit = Image.MAX_IMAGE_PIXELS
+    if raw_mode is None or not 0 < width * height <= min(max_image_pixels, pil_limit or max_image_pixels):
+        return None
+    try:
+        return Image.frombytes(
+            raw_mode, (width, height), b"".join(body for _, body in chunks[1:-1]), "zip", raw_mode
+        )
+    except PILLOW_DATA_ERRORS:  # e.g. corrupt or short zlib data: Pillow's general path says what is wrong
+        return None
 
 
 def to_model_array(image: Image.Image, channels: int, height: int, width: int) -> np.ndarray:

@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import base64
 import io
+import zlib
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from app.errors import CorruptImage, VaeError
-from app.images import decode_images
+from app.images import PILLOW_DATA_ERRORS, PNG_SIGNATURE, _plain_png, decode_images, encode_pngs
 from app.inputs import _base64_image
 from app.latents import interpolate, latents_array
 
@@ -146,6 +147,84 @@ def test_a_solid_png_decodes_to_its_exact_level(
     data = encode(Image.new(mode, size, colour), "PNG")
     batch = decode_images([data], shape, MAX_IMAGE_PIXELS)
     np.testing.assert_array_equal(batch, np.full((1, *shape), np.float32(level) * np.float32(1 / 255)))
+
+
+def pillow_decoded(data: bytes) -> tuple[str, np.ndarray] | None:
+    """Mode and pixels by Pillow's general PNG path, or None where it refuses the bytes or the size."""
+    try:
+        with Image.open(io.BytesIO(data), formats=["PNG"]) as image:
+            if image.width * image.height > MAX_IMAGE_PIXELS:
+                return None
+            image.load()
+            return image.mode, np.asarray(image)
+    except (*PILLOW_DATA_ERRORS, UnidentifiedImageError, Image.DecompressionBombError):
+        return None
+
+
+def with_chunk_damage(data: bytes, draw: st.DrawFn) -> bytes:
+    """Overwrite bytes inside one chunk and fix its checksum, so the damage reaches past the CRC check."""
+    offsets, offset = [], len(PNG_SIGNATURE)
+    while offset + 12 <= len(data):
+        offsets.append(offset)
+        offset += 12 + int.from_bytes(data[offset : offset + 4], "big")
+    start = draw(st.sampled_from(offsets))
+    length = int.from_bytes(data[start : start + 4], "big")
+    body = bytearray(data[start + 8 : start + 8 + length])
+    for _ in range(draw(st.integers(1, 3)) if body else 0):
+        body[draw(st.integers(0, len(body) - 1))] = draw(st.integers(0, 255))
+    kind = data[start + 4 : start + 8]
+    crc = zlib.crc32(bytes(body), zlib.crc32(kind)).to_bytes(4, "big")
+    return data[: start + 8] + bytes(body) + crc + data[start + 12 + length :]
+
+
+@st.composite
+def pngs(draw: st.DrawFn) -> tuple[bytes, bool]:
+    """A PNG by Pillow (any mode and compress level) or by the service's writer, and whether it is intact."""
+    if draw(st.booleans()):
+        image, _ = draw(valid_images().filter(lambda pair: pair[1] == "PNG"))
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG", compress_level=draw(st.integers(0, 9)))
+        data = buffer.getvalue()
+    else:
+        shape = (1, draw(st.sampled_from([1, 3])), draw(st.integers(1, 40)), draw(st.integers(1, 40)))
+        data = encode_pngs(np.random.default_rng(draw(st.integers(0, 2**32 - 1))).random(shape))[0]
+    damage = draw(st.sampled_from(["none", "chunk", "bytes", "cut"]))
+    if damage == "chunk":
+        data = with_chunk_damage(data, draw)
+    elif damage == "bytes":  # checksums left as they were
+        damaged = bytearray(data)
+        for _ in range(draw(st.integers(1, 3))):
+            damaged[draw(st.integers(0, len(damaged) - 1))] = draw(st.integers(0, 255))
+        data = bytes(damaged)
+    elif damage == "cut":
+        data = data[: draw(st.integers(0, len(data)))] + draw(st.binary(max_size=16))
+    return data, damage == "none"
+
+
+def flipped(data: bytes, position: int) -> bytes:
+    return data[:position] + bytes([data[position] ^ 0xFF]) + data[position + 1 :]
+
+
+GRAY_PNG = encode_pngs(np.linspace(0, 1, 30).reshape(1, 1, 5, 6))[0]
+
+
+@settings(IMAGES, max_examples=300)
+@given(png=pngs())
+@example(png=(flipped(GRAY_PNG, len(PNG_SIGNATURE) + 8 + 13), False))  # IHDR checksum: Pillow refuses
+@example(png=(flipped(GRAY_PNG, len(GRAY_PNG) - 13), False))  # the IDAT checksum, which Pillow ignores
+def test_plain_png_fast_path_decodes_exactly_as_pillow(png: tuple[bytes, bool]) -> None:
+    """Where the fast path takes a PNG, Pillow's general path gives the same mode and pixels, and every
+    intact 8-bit gray or RGB PNG without transparency is taken; the rest go to Pillow."""
+    data, intact = png
+    fast = _plain_png(data, MAX_IMAGE_PIXELS)
+    expected = pillow_decoded(data)
+    if fast is not None:
+        assert expected is not None, "the fast path decoded a PNG that Pillow refuses"
+        assert fast.mode == expected[0]
+        np.testing.assert_array_equal(np.asarray(fast), expected[1])
+    elif intact and expected is not None and expected[0] in ("L", "RGB"):
+        with Image.open(io.BytesIO(data)) as image:
+            assert "transparency" in image.info, "an intact plain PNG was left to Pillow"
 
 
 @FUZZ
