@@ -50,20 +50,15 @@ def key_matches(presented: list[str], api_key: SecretStr) -> bool:
     return any(matches)
 
 
-class ApiKeyMiddleware:
-    """Refuse requests without the configured API key (401), and admin requests when none is set (403).
+class ApiKeyPolicy:
+    """Which requests need the API key, and the refusal for one that lacks it.
 
     CORS preflights (OPTIONS) pass: browsers never send credentials with them.
     """
 
     def __init__(
-        self,
-        app: ASGIApp,
-        api_key: SecretStr | None,
-        protect_ops_endpoints: bool,
-        access: Mapping[str, Access],
+        self, api_key: SecretStr | None, protect_ops_endpoints: bool, access: Mapping[str, Access]
     ) -> None:
-        self.app = app
         self.api_key = api_key
         self.protect_ops_endpoints = protect_ops_endpoints
         self.access = access
@@ -74,21 +69,31 @@ class ApiKeyMiddleware:
             return True
         return self.api_key is not None and (level == "model" or self.protect_ops_endpoints)
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] == "OPTIONS" or not self.required(scope["path"]):
-            await self.app(scope, receive, send)
-            return
-        error: VaeError | None = None
+    def refusal(self, scope: Scope) -> VaeError | None:
+        """401 without the configured key, 403 for admin requests when none is set, None when it may pass."""
+        if scope["method"] == "OPTIONS" or not self.required(scope["path"]):
+            return None
         if self.api_key is None:
-            error = AdminDisabled()
-        else:
-            presented = presented_keys(Headers(scope=scope))
-            if not presented:
-                error = Unauthorized(
-                    "this endpoint needs the API key as 'Authorization: Bearer <key>' or 'X-API-Key: <key>'"
-                )
-            elif not key_matches(presented, self.api_key):
-                error = Unauthorized("the API key is not valid")
+            return AdminDisabled()
+        presented = presented_keys(Headers(scope=scope))
+        if not presented:
+            return Unauthorized(
+                "this endpoint needs the API key as 'Authorization: Bearer <key>' or 'X-API-Key: <key>'"
+            )
+        if not key_matches(presented, self.api_key):
+            return Unauthorized("the API key is not valid")
+        return None
+
+
+class ApiKeyMiddleware:
+    """Answer requests that `policy` refuses with its 401 or 403 problem."""
+
+    def __init__(self, app: ASGIApp, policy: ApiKeyPolicy) -> None:
+        self.app = app
+        self.policy = policy
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        error = self.policy.refusal(scope) if scope["type"] == "http" else None
         if error is None:
             await self.app(scope, receive, send)
             return

@@ -11,15 +11,17 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from fastapi.telemetry import TelemetryConfig
+from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
+from starlette.types import ASGIApp
 
 from app.admin import admin_router
-from app.auth import ApiKeyMiddleware, document_security, route_access
+from app.auth import ApiKeyMiddleware, ApiKeyPolicy, document_security, route_access
 from app.config import Settings
 from app.engine import Engine
 from app.errors import install_error_handlers
 from app.metrics import Metrics
-from app.middleware import MetricsMiddleware, RequestGuardMiddleware
+from app.middleware import LoadShedder, MetricsMiddleware, RequestGuardMiddleware, RequestRecorder
 from app.reload import ModelReloader
 from app.routes import FIRST_QUEUE_BY_ROUTE, MODEL_VERSION_HEADER, query_router, router
 
@@ -37,6 +39,21 @@ With `VAE_API_KEY` set, the model endpoints need `Authorization: Bearer <key>` o
 # FastAPI's own OpenTelemetry hooks are off: the service exports Prometheus metrics (app/metrics.py), and
 # checking per request whether an OpenTelemetry provider is configured costs 4% of /encode.
 FASTAPI_TELEMETRY: TelemetryConfig = {"tracing": False, "metrics": False, "logs": False}
+
+
+class ServiceApp(FastAPI):
+    """FastAPI with layers outside its own middleware stack, error handling included: `outer_middleware`,
+    innermost first. The load shedder's refusals skip that stack there, and CORS covers every answer."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        self.outer_middleware: list[Middleware] = []
+        super().__init__(**kwargs)
+
+    def build_middleware_stack(self) -> ASGIApp:
+        app = super().build_middleware_stack()
+        for cls, args, kwargs in self.outer_middleware:
+            app = cls(app, *args, **kwargs)
+        return app
 
 
 def create_app(
@@ -71,7 +88,7 @@ def create_app(
             if serving is not None:
                 await serving.stop()
 
-    app = FastAPI(
+    app = ServiceApp(
         title="VAE service",
         version="0.1.0",
         description=DESCRIPTION,
@@ -98,28 +115,35 @@ def create_app(
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
-    # Starlette runs the last-added middleware first: CORS, metrics, API key, request guard, routes.
+    api_keys = ApiKeyPolicy(settings.api_key, settings.protect_ops_endpoints, route_access(routes))
+    recorder = RequestRecorder(metrics, route_paths)
+    # Starlette runs the last-added middleware first: metrics, API key, request guard, routes.
     app.add_middleware(
         RequestGuardMiddleware,
         metrics=metrics,
         timeout_seconds=settings.request_timeout_seconds,
         max_body_bytes=settings.max_body_bytes,
-        serving_engine=lambda: app.state.engine,
-        first_queue_by_route=FIRST_QUEUE_BY_ROUTE,
     )
-    app.add_middleware(
-        ApiKeyMiddleware,
-        api_key=settings.api_key,
-        protect_ops_endpoints=settings.protect_ops_endpoints,
-        access=route_access(routes),
+    app.add_middleware(ApiKeyMiddleware, policy=api_keys)
+    app.add_middleware(MetricsMiddleware, recorder=recorder)
+    # Outside FastAPI's own stack, innermost first: the load shedder, then CORS around every answer.
+    app.outer_middleware.append(
+        Middleware(
+            LoadShedder,
+            recorder=recorder,
+            api_keys=api_keys,
+            serving_engine=lambda: app.state.engine,
+            first_queue_by_route=FIRST_QUEUE_BY_ROUTE,
+        )
     )
-    app.add_middleware(MetricsMiddleware, metrics=metrics, route_paths=route_paths)
     if settings.cors_allow_origins:
-        app.add_middleware(
-            CORSMiddleware,
-            allow_origins=settings.cors_allow_origins,
-            allow_methods=["GET", "POST"],
-            allow_headers=["Authorization", "X-API-Key", "Content-Type", "Accept"],
-            expose_headers=[MODEL_VERSION_HEADER, "Retry-After"],
+        app.outer_middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=settings.cors_allow_origins,
+                allow_methods=["GET", "POST"],
+                allow_headers=["Authorization", "X-API-Key", "Content-Type", "Accept"],
+                expose_headers=[MODEL_VERSION_HEADER, "Retry-After"],
+            )
         )
     return app

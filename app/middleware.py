@@ -1,4 +1,4 @@
-"""Pure ASGI middleware: request metrics, and the request guard (deadline, body size, disconnect)."""
+"""Pure ASGI middleware: request metrics, load shedding, the request guard (deadline, body, disconnect)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from prometheus_client import Counter, Histogram
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.auth import ApiKeyPolicy
 from app.engine import Engine
 from app.errors import DeadlineExceeded, QueueFull, RequestTooLarge, VaeError, problem_response
 from app.metrics import Metrics
@@ -19,39 +20,19 @@ KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPT
 CLIENT_CLOSED_REQUEST = 499
 
 
-class MetricsMiddleware:
-    """Count and time every HTTP request by route template ("other" for unknown paths) and status."""
+class RequestRecorder:
+    """vae_requests_total and vae_request_duration_seconds by route template ("other" for unknown paths),
+    method and status."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics, route_paths: frozenset[str]) -> None:
-        self.app = app
+    def __init__(self, metrics: Metrics, route_paths: frozenset[str]) -> None:
         self.metrics = metrics
         self.route_paths = route_paths
         self._cache: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        status = CLIENT_CLOSED_REQUEST
-
-        async def send_recording_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        started = time.perf_counter()
-        self.metrics.requests_in_flight.inc()
-        try:
-            await self.app(scope, receive, send_recording_status)
-        except Exception:
-            status = 500  # Starlette's outermost error middleware answers with the 500 problem
-            raise
-        finally:
-            counter, duration = self._children(scope["path"], scope["method"], status)
-            counter.inc()
-            duration.observe(time.perf_counter() - started)
-            self.metrics.requests_in_flight.dec()
+    def record(self, scope: Scope, status: int, duration_seconds: float) -> None:
+        counter, duration = self._children(scope["path"], scope["method"], status)
+        counter.inc()
+        duration.observe(duration_seconds)
 
     def _children(self, path: str, method: str, status: int) -> tuple[Counter, Histogram]:
         """The labelled metric children for one request, cached: `labels()` costs microseconds per call."""
@@ -67,6 +48,81 @@ class MetricsMiddleware:
             if endpoint != "other" and method_label != "other":  # arbitrary paths must not grow the cache
                 self._cache[key] = children
         return children
+
+
+class MetricsMiddleware:
+    """Count and time every HTTP request that reaches the app's middleware stack."""
+
+    def __init__(self, app: ASGIApp, recorder: RequestRecorder) -> None:
+        self.app = app
+        self.recorder = recorder
+        self.in_flight = recorder.metrics.requests_in_flight
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = CLIENT_CLOSED_REQUEST
+
+        async def send_recording_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        started = time.perf_counter()
+        self.in_flight.inc()
+        try:
+            await self.app(scope, receive, send_recording_status)
+        except Exception:
+            status = 500  # Starlette's outermost error middleware answers with the 500 problem
+            raise
+        finally:
+            self.recorder.record(scope, status, time.perf_counter() - started)
+            self.in_flight.dec()
+
+
+class LoadShedder:
+    """While a model route's first queue (encoder or decoder) is full, answer its requests with the 503
+    problem before anything else runs: they would get it anyway, after costing several times more CPU.
+
+    The app's outermost layer but CORS (app/main.py), so a refusal skips FastAPI's middleware stack; cheap
+    refusals keep results flowing under overload. Requests the API key policy refuses pass on, to get
+    their 401 or 403: callers without the key learn nothing about load.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        recorder: RequestRecorder,
+        api_keys: ApiKeyPolicy,
+        serving_engine: Callable[[], Engine | None],
+        first_queue_by_route: Mapping[tuple[str, str], str],
+    ) -> None:
+        self.app = app
+        self.recorder = recorder
+        self.api_keys = api_keys
+        self.serving_engine = serving_engine
+        self.first_queue_by_route = first_queue_by_route
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            part = self.first_queue_by_route.get((scope["method"], scope["path"]))
+            if part is not None and (engine := self.serving_engine()) is not None:
+                started = time.perf_counter()
+                try:
+                    engine.check_room(part)
+                except QueueFull as error:
+                    if self.api_keys.refusal(scope) is None:
+                        await _answer(error, scope, receive, send)
+                        self.recorder.record(scope, error.status, time.perf_counter() - started)
+                        return
+        await self.app(scope, receive, send)
+
+
+async def _answer(error: VaeError, scope: Scope, receive: Receive, send: Send) -> None:
+    response = problem_response(error.status, error.title, error.detail, error.type, error.headers)
+    await response(scope, receive, send)
 
 
 # Requests answered within this time never start a disconnect watcher (a task costs ~50 us per request);
@@ -166,8 +222,7 @@ class _Guard:
 
 
 class RequestGuardMiddleware:
-    """Bound every HTTP request: full queue (503), body size (413), deadline (504), and cancel its work when
-    the client leaves.
+    """Bound every HTTP request: body size (413), deadline (504), and cancel its work when the client leaves.
 
     Cancelling the request's task drops its not-yet-started items from the batcher queues.
     """
@@ -178,15 +233,11 @@ class RequestGuardMiddleware:
         metrics: Metrics,
         timeout_seconds: float,
         max_body_bytes: int,
-        serving_engine: Callable[[], Engine | None],
-        first_queue_by_route: Mapping[tuple[str, str], str],
     ) -> None:
         self.app = app
         self.metrics = metrics
         self.timeout_seconds = timeout_seconds
         self.max_body_bytes = max_body_bytes
-        self.serving_engine = serving_engine
-        self.first_queue_by_route = first_queue_by_route
         # Requests in flight, in arrival order, which is deadline order: every request has the same timeout.
         self._in_flight: dict[_Guard, None] = {}
         self._ticker: asyncio.TimerHandle | None = None
@@ -196,15 +247,6 @@ class RequestGuardMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        part = self.first_queue_by_route.get((scope["method"], scope["path"]))
-        if part is not None and (engine := self.serving_engine()) is not None:
-            # Shed load before parsing: the request's first queue is full, so it would get this 503 anyway,
-            # after costing several times more CPU. Cheap refusals keep results flowing under overload.
-            try:
-                engine.check_room(part)
-            except QueueFull as error:
-                await self._answer(error, scope, receive, send)
-                return
         headers = Headers(scope=scope)
         content_length = headers.get("content-length")
         if (
@@ -212,7 +254,7 @@ class RequestGuardMiddleware:
             and content_length.isdigit()
             and int(content_length) > self.max_body_bytes
         ):
-            await self._answer(RequestTooLarge(self.max_body_bytes), scope, receive, send)
+            await _answer(RequestTooLarge(self.max_body_bytes), scope, receive, send)
             return
         body_expected = content_length not in (None, "0") or "transfer-encoding" in headers
         guard = _Guard(receive, send, self.max_body_bytes, body_expected, self.timeout_seconds)
@@ -225,7 +267,7 @@ class RequestGuardMiddleware:
             if guard.client_gone.is_set() or guard.response_started:
                 return  # nobody to answer, or too late to change the answer
             self.metrics.requests_rejected.labels(reason="timeout").inc()
-            await self._answer(DeadlineExceeded(self.timeout_seconds), scope, receive, send)
+            await _answer(DeadlineExceeded(self.timeout_seconds), scope, receive, send)
         finally:
             guard.stop()
             del self._in_flight[guard]
@@ -249,8 +291,3 @@ class RequestGuardMiddleware:
         self._ticker = None
         if self._in_flight:
             self._ticker = asyncio.get_running_loop().call_later(GUARD_TICK_SECONDS, self._tick)
-
-    @staticmethod
-    async def _answer(error: VaeError, scope: Scope, receive: Receive, send: Send) -> None:
-        response = problem_response(error.status, error.title, error.detail, error.type, error.headers)
-        await response(scope, receive, send)

@@ -127,6 +127,38 @@ async def test_full_queue_answers_503_with_retry_after(
 
 
 @pytest.mark.asyncio
+async def test_full_queue_sheds_only_callers_with_the_key_and_with_cors_headers(
+    mnist_model_dir: Path, make_settings: Callable[..., Settings]
+) -> None:
+    settings = make_settings(
+        mnist_model_dir, max_batch_size=2, max_wait_ms=0, max_queue_items=2, max_sample_n=2,
+        max_items_per_request=2, max_interpolation_steps=2, api_key="test-key",
+        cors_allow_origins="https://app.example",
+    )  # fmt: skip
+    origin = {"Origin": "https://app.example"}
+    async with gated_app(settings) as (app, client, gated):
+        keyed = {"X-API-Key": "test-key", **origin}
+        running = asyncio.ensure_future(client.get("/sample?n=2&seed=1", headers=keyed))
+        await asyncio.to_thread(gated.running.wait, 10)
+        queued = asyncio.ensure_future(client.get("/sample?n=2&seed=2", headers=keyed))
+        await wait_until(lambda: sample_value(app, "vae_queue_depth", {"part": "decoder"}) == 2)
+        without_key = await client.get("/sample?n=1", headers=origin)
+        wrong_key = await client.get("/sample?n=1", headers={"X-API-Key": "wrong", **origin})
+        shed = await client.get("/sample?n=1", headers=keyed)
+        gated.gate.set()
+        assert (await running).status_code == 200 and (await queued).status_code == 200
+    # Callers without the key learn nothing about load; the refusal reaches the browser (CORS headers).
+    assert without_key.status_code == 401 and wrong_key.status_code == 401
+    assert shed.status_code == 503 and shed.headers["retry-after"] == "1"
+    assert "queue" in shed.json()["detail"]
+    for response in (without_key, shed):
+        assert response.headers["access-control-allow-origin"] == "https://app.example"
+    labels = {"endpoint": "/sample", "method": "GET"}
+    assert sample_value(app, "vae_requests_total", {**labels, "status": "503"}) == 1
+    assert sample_value(app, "vae_requests_total", {**labels, "status": "401"}) == 2
+
+
+@pytest.mark.asyncio
 @pytest.mark.parametrize(
     "timeout_seconds", [0.3, 0.02]
 )  # 0.02: before the guard would watch for a disconnect

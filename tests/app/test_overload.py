@@ -38,7 +38,7 @@ RECOVERED_FRACTION = 0.5
 QUEUE_DEPTH = 'vae_queue_depth{part="decoder"}'
 SAMPLE_DURATION_COUNT = 'vae_request_duration_seconds_count{endpoint="/sample"}'
 SAMPLE_UNDER_2_5_SECONDS = 'vae_request_duration_seconds_bucket{endpoint="/sample",le="2.5"}'
-SERVER_FLAGS = ("--max-queue-items", "256", "--request-timeout-seconds", "2")
+SERVER_FLAGS = ("--max-queue-items", "64", "--request-timeout-seconds", "2")
 
 
 def sample_path(seed: int) -> str:
