@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import uvloop
 
 from tests.app.test_server import metric, start_server, stop_server
 
@@ -242,7 +243,7 @@ def test_four_times_capacity_gives_results_or_503_504_and_recovers(tmp_path: Pat
     try:
         # Correct results first, one request per seed with the server otherwise idle.
         expected = {seed: httpx.get(base_url + sample_path(seed), timeout=30).content for seed in SEEDS}
-        capacity_per_second, capacity_statuses = asyncio.run(
+        capacity_per_second, capacity_statuses = uvloop.run(
             closed_loop_rate(base_url, CAPACITY_SECONDS, expected)
         )
         assert set(capacity_statuses) == {200}, capacity_statuses
@@ -259,7 +260,7 @@ def test_four_times_capacity_gives_results_or_503_504_and_recovers(tmp_path: Pat
         cpu_seconds_before, soak_started = cpu_seconds(process.pid), time.monotonic()
         client_cpu_seconds_before = time.process_time()
         try:
-            overload = asyncio.run(open_loop(base_url, offered_per_second, SOAK_SECONDS, expected))
+            overload = uvloop.run(open_loop(base_url, offered_per_second, SOAK_SECONDS, expected))
         finally:
             stop.set()
             for watcher in watchers:
@@ -272,7 +273,7 @@ def test_four_times_capacity_gives_results_or_503_504_and_recovers(tmp_path: Pat
             base_url, SAMPLE_UNDER_2_5_SECONDS
         )
         wait_until_drained(base_url)
-        recovered_per_second, recovered_statuses = asyncio.run(
+        recovered_per_second, recovered_statuses = uvloop.run(
             closed_loop_rate(base_url, CAPACITY_SECONDS, expected)
         )
     finally:
