@@ -125,13 +125,14 @@ class Batcher:
             self._drop(request)
             raise
 
-    def check_room(self, count: int = 1) -> None:
-        """Raise QueueFull (and count it) unless the queue can take `count` more items now.
+    def has_room(self, count: int = 1) -> bool:
+        """Whether the queue can take `count` more items now (without the lock: the answer may be a moment
+        old; `submit` checks again under it)."""
+        return self._queued_items + count <= self._max_queue_items
 
-        Without the lock (the request guard's early check) the answer may be a moment old; `submit` checks
-        again under it.
-        """
-        if self._queued_items + count > self._max_queue_items:
+    def check_room(self, count: int = 1) -> None:
+        """Raise QueueFull (and count it) unless the queue can take `count` more items now."""
+        if not self.has_room(count):
             if self._metrics is not None:
                 self._metrics.rejected_queue_full.inc()
             raise QueueFull(self.part, self._queued_items, self._max_queue_items)

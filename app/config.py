@@ -79,7 +79,8 @@ class Settings(BaseSettings):
         default=30.0,
         gt=0,
         description=(
-            "A request still unanswered after this many seconds gets 504, and its queued work is dropped."
+            "A request still unanswered after this many seconds gets 504, and its queued work is dropped "
+            "(deadlines are checked every 25 ms)."
         ),
     )
     max_body_bytes: int = Field(

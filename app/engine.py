@@ -258,10 +258,15 @@ class Engine:
         self._encoder_batcher = self._decoder_batcher = None
 
     def check_room(self, part: str) -> None:
-        """Raise QueueFull if the part's ("encoder" or "decoder") queue cannot take one more item now."""
+        """Raise QueueFull (and count it) if the part's ("encoder" or "decoder") queue is full now."""
         batcher = self._encoder_batcher if part == "encoder" else self._decoder_batcher
         if batcher is not None:
             batcher.check_room()
+
+    def has_room(self, part: str) -> bool:
+        """Whether the part's ("encoder" or "decoder") queue can take one more item now."""
+        batcher = self._encoder_batcher if part == "encoder" else self._decoder_batcher
+        return batcher is None or batcher.has_room()
 
     async def encode(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(N, C, H, W) float32 in [0, 1] -> mean, log_var (N, L), batched with concurrent requests."""

@@ -25,6 +25,9 @@ from app.errors import CorruptImage, ImageTooLarge, NotAnImage
 ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 RESAMPLING_FILTER = Image.Resampling.BILINEAR
 GRID_PADDING_PIXELS = 2
+# Uploads up to this many pixels (about a millisecond of decoding) are decoded on the event loop, where a
+# thread hop would cost more than the work; larger ones in a worker thread, so the loop keeps serving.
+INLINE_DECODE_MAX_PIXELS = 512 * 512
 # Fast zlib level: model outputs are small and the bytes are sent once; the pixels are identical at any level.
 PNG_COMPRESS_LEVEL = 1
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -65,12 +68,12 @@ def _format_from_signature(data: bytes) -> str | None:
     return next((name for signature, name in _SIGNATURES if data.startswith(signature)), None)
 
 
-def read_image_header(data: bytes, max_image_pixels: int) -> Image.Image:
-    """Open image bytes lazily (header only) and check the pixel count before anything is decoded.
-
-    A plain PNG is decoded at once by `_plain_png` (its size is checked first there too).
-    """
-    plain = _plain_png(data, max_image_pixels)
+def read_image_header(
+    data: bytes, max_image_pixels: int, decode_max_pixels: int = INLINE_DECODE_MAX_PIXELS
+) -> Image.Image:
+    """Open image bytes and check the pixel count before anything is decoded: lazily (header only), except
+    plain PNGs of at most `decode_max_pixels`, which `_plain_png` decodes at once after the same check."""
+    plain = _plain_png(data, min(max_image_pixels, decode_max_pixels))
     if plain is not None:
         return plain
     try:
@@ -98,49 +101,48 @@ def read_image_header(data: bytes, max_image_pixels: int) -> Image.Image:
 _PLAIN_PNG_RAW_MODES = {(8, 0, 0, 0, 0): "L", (8, 2, 0, 0, 0): "RGB"}
 
 
-def _plain_png(data: bytes, max_image_pixels: int) -> Image.Image | None:
-    """The decoded image, if `data` is a plain PNG: 8-bit gray or RGB, not interlaced, chunks IHDR, IDAT...,
-    IEND only, every checksum right. None for anything else, which then takes Pillow's general path.
+def _plain_png(data: bytes, max_pixels: int) -> Image.Image | None:
+    """The decoded image, if `data` is a plain PNG of at most `max_pixels`: 8-bit gray or RGB, not
+    interlaced, chunks IHDR, IDAT..., IEND only, every checksum right. None for anything else, which then
+    takes Pillow's general path.
 
     Clients mostly send such PNGs; Pillow's Python chunk reader and loader take 3x longer than the C
     decoder they end in, which this calls directly (PIL.Image.frombytes with the "zip" PNG decoder).
     """
-    if not data.startswith(PNG_SIGNATURE) or len(data) < 45:  # signature, IHDR, IEND
+    view = memoryview(data)
+    header_end = len(PNG_SIGNATURE) + 8 + 13
+    if (
+        view[: len(PNG_SIGNATURE)] != PNG_SIGNATURE
+        or view[len(PNG_SIGNATURE) : len(PNG_SIGNATURE) + 8] != b"\x00\x00\x00\x0dIHDR"
+        or len(data) < header_end + 4 + 12  # IHDR's checksum, IEND
+        or zlib.crc32(view[len(PNG_SIGNATURE) + 4 : header_end])
+        != struct.unpack_from(">I", data, header_end)[0]
+    ):
         return None
-    chunks: list[tuple[bytes, bytes]] = []
-    offset = len(PNG_SIGNATURE)
+    width, height, *format_fields = struct.unpack_from(">IIBBBBB", data, len(PNG_SIGNATURE) + 8)
+    raw_mode = _PLAIN_PNG_RAW_MODES.get(tuple(format_fields))
+    if raw_mode is None or not 0 < width * height <= min(max_pixels, Image.MAX_IMAGE_PIXELS or max_pixels):
+        return None
+    compressed: list[memoryview] = []
+    offset, kind, length = header_end + 4, b"", -1
     while offset + 12 <= len(data):
         length, kind = struct.unpack_from(">I4s", data, offset)
         end = offset + 8 + length
-        if end + 4 > len(data):
+        if (
+            end + 4 > len(data)
+            or zlib.crc32(view[offset + 4 : end]) != struct.unpack_from(">I", data, end)[0]
+        ):
             return None
-        body = data[offset + 8 : end]
-        if zlib.crc32(body, zlib.crc32(kind)) != struct.unpack_from(">I", data, end)[0]:
-            return None
-        chunks.append((kind, body))
-        offset = end + 4
+        body, offset = view[offset + 8 : end], end + 4
         if kind == b"IEND":
             break
-    kinds = [kind for kind, _ in chunks]
-    if (
-        offset != len(data)
-        or len(kinds) < 3
-        or kinds[0] != b"IHDR"
-        or kinds[-1] != b"IEND"
-        or any(kind != b"IDAT" for kind in kinds[1:-1])
-        or len(chunks[0][1]) != 13
-        or chunks[-1][1]
-    ):
-        return None
-    width, height, *format_fields = struct.unpack(">IIBBBBB", chunks[0][1])
-    raw_mode = _PLAIN_PNG_RAW_MODES.get(tuple(format_fields))
-    pil_limit = Image.MAX_IMAGE_PIXELS
-    if raw_mode is None or not 0 < width * height <= min(max_image_pixels, pil_limit or max_image_pixels):
+        if kind != b"IDAT":
+            return None
+        compressed.append(body)
+    if kind != b"IEND" or length != 0 or offset != len(data) or not compressed:
         return None
     try:
-        return Image.frombytes(
-            raw_mode, (width, height), b"".join(body for _, body in chunks[1:-1]), "zip", raw_mode
-        )
+        return Image.frombytes(raw_mode, (width, height), b"".join(compressed), "zip", raw_mode)
     except PILLOW_DATA_ERRORS:  # e.g. corrupt or short zlib data: Pillow's general path says what is wrong
         return None
 

@@ -17,13 +17,10 @@ from starlette.exceptions import HTTPException
 
 from app.config import Settings
 from app.errors import InvalidRequest, LimitExceeded, UnsupportedMediaType, VaeError
-from app.images import read_image_header, to_model_batch
+from app.images import INLINE_DECODE_MAX_PIXELS, read_image_header, to_model_batch
 from app.multipart import boundary_of, parse_form, text_value
 from app.schemas import InterpolateOptions, InterpolateRequest
 
-# Uploads up to this many pixels (about a millisecond of decoding) are converted on the event loop, where a
-# thread hop would cost more than the work; larger ones in a worker thread, so the loop keeps serving.
-INLINE_DECODE_MAX_PIXELS = 512 * 512
 IMAGE_FIELDS = ("file", "files")
 MAX_FORM_FIELDS = 16
 # A multipart body's values by field name: file uploads as bytes, text fields as str.
@@ -114,7 +111,11 @@ async def read_image_blobs(request: Request, settings: Settings) -> list[bytes]:
 
 async def images_to_array(blobs: list[bytes], shape: tuple[int, int, int], settings: Settings) -> np.ndarray:
     """Decode uploads to (N, C, H, W) float32 in [0, 1]; large images off the event loop."""
-    images = [read_image_header(blob, settings.max_image_pixels) for blob in blobs]
+    images = []
+    inline_pixels = INLINE_DECODE_MAX_PIXELS  # what the event loop may still decode for this request
+    for blob in blobs:
+        images.append(read_image_header(blob, settings.max_image_pixels, decode_max_pixels=inline_pixels))
+        inline_pixels = max(0, inline_pixels - images[-1].width * images[-1].height)
     if sum(image.width * image.height for image in images) <= INLINE_DECODE_MAX_PIXELS:
         return to_model_batch(images, shape)
     return await asyncio.to_thread(to_model_batch, images, shape)

@@ -108,15 +108,20 @@ class LoadShedder:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             part = self.first_queue_by_route.get((scope["method"], scope["path"]))
-            if part is not None and (engine := self.serving_engine()) is not None:
+            engine = self.serving_engine() if part is not None else None
+            if (
+                part is not None
+                and engine is not None
+                and not engine.has_room(part)
+                and self.api_keys.refusal(scope) is None
+            ):
                 started = time.perf_counter()
                 try:
-                    engine.check_room(part)
+                    engine.check_room(part)  # counts the rejection
                 except QueueFull as error:
-                    if self.api_keys.refusal(scope) is None:
-                        await _answer(error, scope, receive, send)
-                        self.recorder.record(scope, error.status, time.perf_counter() - started)
-                        return
+                    await _answer(error, scope, receive, send)
+                    self.recorder.record(scope, error.status, time.perf_counter() - started)
+                    return
         await self.app(scope, receive, send)
 
 
@@ -280,14 +285,15 @@ class RequestGuardMiddleware:
 
     def _tick(self) -> None:
         """Expire requests past their deadline, and watch those in flight for a while for a disconnect."""
-        now = asyncio.get_running_loop().time()
-        for guard in self._in_flight:  # oldest first; neither call below changes the dict
-            if now - guard.started_at < WATCH_FOR_DISCONNECT_AFTER_SECONDS and now < guard.expires_at:
-                break
-            if now >= guard.expires_at:
-                guard.expire()
-            else:
-                guard.want_watcher()
-        self._ticker = None
-        if self._in_flight:
-            self._ticker = asyncio.get_running_loop().call_later(GUARD_TICK_SECONDS, self._tick)
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        try:
+            for guard in self._in_flight:  # oldest first; neither call below changes the dict
+                if now - guard.started_at < WATCH_FOR_DISCONNECT_AFTER_SECONDS and now < guard.expires_at:
+                    break
+                if now >= guard.expires_at:
+                    guard.expire()
+                else:
+                    guard.want_watcher()
+        finally:  # whatever happened, later requests keep their deadlines
+            self._ticker = loop.call_later(GUARD_TICK_SECONDS, self._tick) if self._in_flight else None

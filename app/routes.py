@@ -35,7 +35,7 @@ router = APIRouter()
 query_router = APIRouter(route_class=QueryRoute)
 OPS_TAG = "operations"
 MODEL_VERSION_HEADER = "X-Model-Version"
-# The queue each route's items always enter first; while it is full, the request guard refuses the route
+# The queue each route's items always enter first; while it is full, the load shedder refuses the route
 # with 503 before parsing (/interpolate's first queue depends on its body, so it is not listed).
 FIRST_QUEUE_BY_ROUTE = {
     ("POST", "/encode"): "encoder",

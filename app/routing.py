@@ -8,9 +8,11 @@ schema, the accepted values and the 422 errors stay FastAPI's, and then calls th
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from fastapi.dependencies.utils import is_scalar_field
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ValidationError, create_model
@@ -19,8 +21,12 @@ from starlette.responses import Response
 
 
 class QueryRoute(APIRoute):
-    """An APIRouter's route_class; the endpoint must take only `request: Request` and scalar query
-    parameters (checked when the route is built), and return a Response."""
+    """An APIRouter's route_class; the endpoint must be `async`, take only `request: Request` and scalar query
+    parameters without default factories (checked when the route is built), and return a Response.
+
+    Add its routes to the app's own route list (app/main.py): dependencies given to include_router would
+    not run.
+    """
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         dependant = self.dependant
@@ -32,9 +38,18 @@ class QueryRoute(APIRoute):
             dependant.dependencies,
             dependant.response_param_name,
             dependant.background_tasks_param_name,
+            dependant.http_connection_param_name,
+            dependant.websocket_param_name,
+            dependant.security_scopes_param_name,
         )
-        if dependant.request_param_name is None or any(unsupported):
-            raise TypeError(f"{self.path}: a QueryRoute endpoint takes the Request and query parameters only")
+        if (
+            dependant.request_param_name is None
+            or any(unsupported)
+            or not inspect.iscoroutinefunction(self.endpoint)
+        ):
+            raise TypeError(
+                f"{self.path}: a QueryRoute endpoint is async and takes the Request and query parameters only"
+            )
         query_model = _query_model(self.unique_id, dependant.query_params)
         request_name, endpoint = dependant.request_param_name, self.endpoint
         names = [field.name for field in dependant.query_params]
@@ -69,14 +84,11 @@ class QueryRoute(APIRoute):
 def _query_model(name: str, fields: list[Any]) -> type[BaseModel]:
     """One model with the endpoint's query parameters as fields, each read from its URL name (alias)."""
     for field in fields:
-        if field.field_info.annotation is None or _is_sequence(field.field_info.annotation):
-            raise TypeError(f"query parameter {field.alias!r}: a QueryRoute takes scalar parameters only")
+        if not is_scalar_field(field) or field.field_info.default_factory is not None:
+            raise TypeError(
+                f"query parameter {field.alias!r}: a QueryRoute takes scalars with plain defaults only"
+            )
     definitions: dict[str, Any] = {
         field.name: (field.field_info.annotation, field.field_info) for field in fields
     }
     return create_model(f"{name}_query", **definitions)
-
-
-def _is_sequence(annotation: Any) -> bool:
-    origin = getattr(annotation, "__origin__", None)
-    return origin in (list, tuple, set, frozenset)

@@ -156,6 +156,7 @@ async def test_full_queue_sheds_only_callers_with_the_key_and_with_cors_headers(
     labels = {"endpoint": "/sample", "method": "GET"}
     assert sample_value(app, "vae_requests_total", {**labels, "status": "503"}) == 1
     assert sample_value(app, "vae_requests_total", {**labels, "status": "401"}) == 2
+    assert sample_value(app, "vae_requests_rejected_total", {"reason": "queue_full"}) == 1
 
 
 @pytest.mark.asyncio
@@ -170,12 +171,13 @@ async def test_deadline_answers_504_and_drops_queued_work(
     )
     async with gated_app(settings) as (app, client, gated):
         running = asyncio.ensure_future(client.get("/sample?n=2&seed=1"))
-        await asyncio.to_thread(gated.running.wait, 10)
+        assert await asyncio.to_thread(gated.running.wait, 10)
         queued = await client.get("/sample?n=3&seed=2")
         assert sample_value(app, "vae_queue_depth", {"part": "decoder"}) == 0  # its items left the queue
         first = await running
         gated.gate.set()
-        await client.get("/sample?n=1")  # the decoder works again, and only ran what had started
+        # The decoder works again, and only ran what had started (asked directly: no HTTP deadline).
+        await app.state.engine.decode(np.zeros((1, app.state.engine.manifest.latent_dim), np.float32))
         processed = sample_value(app, "vae_items_processed_total", {"part": "decoder"})
     for response in (first, queued):
         assert response.status_code == 504 and response.headers["content-type"] == "application/problem+json"

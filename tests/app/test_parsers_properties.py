@@ -14,10 +14,17 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from app.errors import CorruptImage, VaeError
-from app.images import PILLOW_DATA_ERRORS, PNG_SIGNATURE, _plain_png, decode_images, encode_pngs
+from app.images import (
+    PILLOW_DATA_ERRORS,
+    PNG_SIGNATURE,
+    _plain_png,
+    decode_images,
+    encode_pngs,
+    read_image_header,
+)
 from app.inputs import _base64_image
 from app.latents import interpolate, latents_array
 
@@ -208,10 +215,29 @@ def flipped(data: bytes, position: int) -> bytes:
 GRAY_PNG = encode_pngs(np.linspace(0, 1, 30).reshape(1, 1, 5, 6))[0]
 
 
+def png_chunk(kind: bytes, body: bytes) -> bytes:
+    return len(body).to_bytes(4, "big") + kind + body + zlib.crc32(body, zlib.crc32(kind)).to_bytes(4, "big")
+
+
+def with_idat_split(data: bytes) -> bytes:
+    """The same PNG with its one IDAT chunk cut in two, and an empty IDAT between the halves."""
+    header_end = len(PNG_SIGNATURE) + 25
+    idat_length = int.from_bytes(data[header_end : header_end + 4], "big")
+    compressed = data[header_end + 8 : header_end + 8 + idat_length]
+    half = len(compressed) // 2
+    idats = (
+        png_chunk(b"IDAT", compressed[:half])
+        + png_chunk(b"IDAT", b"")
+        + png_chunk(b"IDAT", compressed[half:])
+    )
+    return data[:header_end] + idats + data[header_end + 12 + idat_length :]
+
+
 @settings(IMAGES, max_examples=300)
 @given(png=pngs())
 @example(png=(flipped(GRAY_PNG, len(PNG_SIGNATURE) + 8 + 13), False))  # IHDR checksum: Pillow refuses
 @example(png=(flipped(GRAY_PNG, len(GRAY_PNG) - 13), False))  # the IDAT checksum, which Pillow ignores
+@example(png=(with_idat_split(GRAY_PNG), True))
 def test_plain_png_fast_path_decodes_exactly_as_pillow(png: tuple[bytes, bool]) -> None:
     """Where the fast path takes a PNG, Pillow's general path gives the same mode and pixels, and every
     intact 8-bit gray or RGB PNG without transparency is taken; the rest go to Pillow."""
@@ -225,6 +251,16 @@ def test_plain_png_fast_path_decodes_exactly_as_pillow(png: tuple[bytes, bool]) 
     elif intact and expected is not None and expected[0] in ("L", "RGB"):
         with Image.open(io.BytesIO(data)) as image:
             assert "transparency" in image.info, "an intact plain PNG was left to Pillow"
+
+
+def test_plain_pngs_are_decoded_at_once_only_within_the_pixel_budget() -> None:
+    """Past `decode_max_pixels` (what the event loop may still decode) a plain PNG is opened lazily, to be
+    decoded off the loop; within it, it comes back decoded, and the two give the same pixels."""
+    decoded = read_image_header(GRAY_PNG, MAX_IMAGE_PIXELS, decode_max_pixels=30)
+    lazy = read_image_header(GRAY_PNG, MAX_IMAGE_PIXELS, decode_max_pixels=29)
+    assert not isinstance(decoded, PngImagePlugin.PngImageFile) and decoded.size == (6, 5)
+    assert isinstance(lazy, PngImagePlugin.PngImageFile)
+    np.testing.assert_array_equal(np.asarray(decoded), np.asarray(lazy))
 
 
 @FUZZ
