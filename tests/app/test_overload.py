@@ -57,6 +57,7 @@ class Overload:
 
     statuses: Counter[int] = field(default_factory=Counter)
     ok_latencies_seconds: list[float] = field(default_factory=list)
+    refused_latencies_seconds: list[float] = field(default_factory=list)
     wrong_bodies: int = 0
     transport_errors: Counter[str] = field(default_factory=Counter)
     skipped: int = 0
@@ -178,6 +179,8 @@ async def open_loop(base_url: str, rate: float, seconds: float, expected: dict[i
         if status == 200:
             seen.ok_latencies_seconds.append(time.monotonic() - started)
             seen.wrong_bodies += body != expected[seed]
+        else:
+            seen.refused_latencies_seconds.append(time.monotonic() - started)
 
     try:
         started = time.monotonic()
@@ -280,6 +283,7 @@ def test_four_times_capacity_gives_results_or_503_504_and_recovers(tmp_path: Pat
         stop_server(process, log)
 
     ok_seconds, health_seconds = overload.ok_latencies_seconds, health.latencies_seconds
+    refused_seconds = overload.refused_latencies_seconds or [0.0]
     print(
         f"\noverload summary ({SOAK_SECONDS:.0f} s soak, vae-serve {' '.join(SERVER_FLAGS)}):"
         f"\n  capacity {capacity_per_second:.0f} req/s (closed loop, {CAPACITY_CONNECTIONS} connections);"
@@ -291,7 +295,9 @@ def test_four_times_capacity_gives_results_or_503_504_and_recovers(tmp_path: Pat
         f" wrong results {overload.wrong_bodies}"
         f"\n  200 latency p50 {percentile(ok_seconds, 0.5) * 1000:.0f} ms,"
         f" p99 {percentile(ok_seconds, 0.99) * 1000:.0f} ms, max {max(ok_seconds, default=0) * 1000:.0f} ms"
-        f" (server-side /sample durations over 2.5 s: {over_2_5_seconds:.0f})"
+        f" (server-side /sample durations over 2.5 s: {over_2_5_seconds:.0f});"
+        f" 503/504 latency p50 {percentile(refused_seconds, 0.5) * 1000:.0f} ms,"
+        f" p99 {percentile(refused_seconds, 0.99) * 1000:.0f} ms"
         f"\n  /healthz {len(health_seconds)} probes: p50 {percentile(health_seconds, 0.5) * 1000:.1f} ms,"
         f" p99 {percentile(health_seconds, 0.99) * 1000:.1f} ms, max {max(health_seconds) * 1000:.1f} ms,"
         f" failures {dict(health.failures)}"
