@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import io
-import zlib
 
 import numpy as np
 import pytest
@@ -21,6 +20,7 @@ from app.images import (
     PILLOW_DATA_ERRORS,
     PNG_SIGNATURE,
     _plain_png,
+    _png_chunk,
     decode_images,
     encode_pngs,
     read_image_header,
@@ -179,9 +179,7 @@ def with_chunk_damage(data: bytes, draw: st.DrawFn) -> bytes:
     body = bytearray(data[start + 8 : start + 8 + length])
     for _ in range(draw(st.integers(1, 3)) if body else 0):
         body[draw(st.integers(0, len(body) - 1))] = draw(st.integers(0, 255))
-    kind = data[start + 4 : start + 8]
-    crc = zlib.crc32(bytes(body), zlib.crc32(kind)).to_bytes(4, "big")
-    return data[: start + 8] + bytes(body) + crc + data[start + 12 + length :]
+    return data[:start] + _png_chunk(data[start + 4 : start + 8], bytes(body)) + data[start + 12 + length :]
 
 
 @st.composite
@@ -215,10 +213,6 @@ def flipped(data: bytes, position: int) -> bytes:
 GRAY_PNG = encode_pngs(np.linspace(0, 1, 30).reshape(1, 1, 5, 6))[0]
 
 
-def png_chunk(kind: bytes, body: bytes) -> bytes:
-    return len(body).to_bytes(4, "big") + kind + body + zlib.crc32(body, zlib.crc32(kind)).to_bytes(4, "big")
-
-
 def with_idat_split(data: bytes) -> bytes:
     """The same PNG with its one IDAT chunk cut in two, and an empty IDAT between the halves."""
     header_end = len(PNG_SIGNATURE) + 25
@@ -226,9 +220,9 @@ def with_idat_split(data: bytes) -> bytes:
     compressed = data[header_end + 8 : header_end + 8 + idat_length]
     half = len(compressed) // 2
     idats = (
-        png_chunk(b"IDAT", compressed[:half])
-        + png_chunk(b"IDAT", b"")
-        + png_chunk(b"IDAT", compressed[half:])
+        _png_chunk(b"IDAT", compressed[:half])
+        + _png_chunk(b"IDAT", b"")
+        + _png_chunk(b"IDAT", compressed[half:])
     )
     return data[:header_end] + idats + data[header_end + 12 + idat_length :]
 
