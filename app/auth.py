@@ -15,7 +15,7 @@ from pydantic import SecretStr
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.errors import AdminDisabled, Unauthorized, VaeError, problem_response
+from app.errors import AdminDisabled, Unauthorized, VaeError
 
 Access = Literal["model", "admin", "ops"]
 MODEL_TAG, ADMIN_TAG = "model", "admin"
@@ -97,8 +97,7 @@ class ApiKeyMiddleware:
         if error is None:
             await self.app(scope, receive, send)
             return
-        response = problem_response(error.status, error.title, error.detail, error.type, error.headers)
-        await response(scope, receive, send)
+        await error.response()(scope, receive, send)
 
 
 def document_security(schema: dict[str, Any], api_key_set: bool, protect_ops_endpoints: bool) -> None:

@@ -36,6 +36,10 @@ class VaeError(HTTPException):
     def type(self) -> str:
         return f"urn:vae-service:problem:{self.slug}"
 
+    def response(self) -> Response:
+        """This error as the problem JSON response."""
+        return problem_response(self.status, self.title, self.detail, self.type, self.headers)
+
 
 class UnsupportedMediaType(VaeError):
     status, title, slug = 415, "Unsupported media type", "unsupported-media-type"
@@ -169,7 +173,7 @@ async def handle_http_error(request: Request, error: Exception) -> Response:
         # FastAPI answers a JSON body that is not UTF-8 with a bare 400; it is as invalid as any bad JSON.
         error = InvalidRequest(f"the body is not valid JSON: it is not UTF-8 text ({error.__cause__.reason})")
     if isinstance(error, VaeError):
-        return problem_response(error.status, error.title, error.detail, error.type, error.headers)
+        return error.response()
     status = error.status_code
     return problem_response(
         status, HTTPStatus(status).phrase, _http_error_detail(request, error), headers=error.headers

@@ -12,7 +12,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.auth import ApiKeyPolicy
 from app.engine import Engine
-from app.errors import DeadlineExceeded, QueueFull, RequestTooLarge, VaeError, problem_response
+from app.errors import DeadlineExceeded, QueueFull, RequestTooLarge
 from app.metrics import Metrics
 
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -119,15 +119,10 @@ class LoadShedder:
                 try:
                     engine.check_room(part)  # counts the rejection
                 except QueueFull as error:
-                    await _answer(error, scope, receive, send)
+                    await error.response()(scope, receive, send)
                     self.recorder.record(scope, error.status, time.perf_counter() - started)
                     return
         await self.app(scope, receive, send)
-
-
-async def _answer(error: VaeError, scope: Scope, receive: Receive, send: Send) -> None:
-    response = problem_response(error.status, error.title, error.detail, error.type, error.headers)
-    await response(scope, receive, send)
 
 
 # Requests answered within this time never start a disconnect watcher (a task costs ~50 us per request);
@@ -259,7 +254,7 @@ class RequestGuardMiddleware:
             and content_length.isdigit()
             and int(content_length) > self.max_body_bytes
         ):
-            await _answer(RequestTooLarge(self.max_body_bytes), scope, receive, send)
+            await RequestTooLarge(self.max_body_bytes).response()(scope, receive, send)
             return
         body_expected = content_length not in (None, "0") or "transfer-encoding" in headers
         guard = _Guard(receive, send, self.max_body_bytes, body_expected, self.timeout_seconds)
@@ -272,7 +267,7 @@ class RequestGuardMiddleware:
             if guard.client_gone.is_set() or guard.response_started:
                 return  # nobody to answer, or too late to change the answer
             self.metrics.requests_rejected.labels(reason="timeout").inc()
-            await _answer(DeadlineExceeded(self.timeout_seconds), scope, receive, send)
+            await DeadlineExceeded(self.timeout_seconds).response()(scope, receive, send)
         finally:
             guard.stop()
             del self._in_flight[guard]
