@@ -259,14 +259,17 @@ class Engine:
 
     def check_room(self, part: str) -> None:
         """Raise QueueFull (and count it) if the part's ("encoder" or "decoder") queue is full now."""
-        batcher = self._encoder_batcher if part == "encoder" else self._decoder_batcher
+        batcher = self._batcher(part)
         if batcher is not None:
             batcher.check_room()
 
     def has_room(self, part: str) -> bool:
         """Whether the part's ("encoder" or "decoder") queue can take one more item now."""
-        batcher = self._encoder_batcher if part == "encoder" else self._decoder_batcher
+        batcher = self._batcher(part)
         return batcher is None or batcher.has_room()
+
+    def _batcher(self, part: str) -> Batcher | None:
+        return self._encoder_batcher if part == "encoder" else self._decoder_batcher
 
     async def encode(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(N, C, H, W) float32 in [0, 1] -> mean, log_var (N, L), batched with concurrent requests."""
