@@ -100,19 +100,30 @@ async def test_concurrent_requests_share_onnxruntime_runs(
     assert runs < len(uploads)  # 8 requests, fewer runs: they were coalesced
 
 
+# Limits small enough that two gated /sample?n=2 requests fill the decoder queue.
+TWO_ITEM_QUEUE: dict[str, Any] = {
+    "max_batch_size": 2, "max_wait_ms": 0, "max_queue_items": 2, "max_sample_n": 2,
+    "max_items_per_request": 2, "max_interpolation_steps": 2,
+}  # fmt: skip
+
+
+async def fill_decoder_queue(
+    app: FastAPI, client: httpx.AsyncClient, gated: type[GatedEngine], headers: dict[str, str] | None = None
+) -> tuple[asyncio.Future[httpx.Response], asyncio.Future[httpx.Response]]:
+    """Start one /sample whose run the gate holds and queue another behind it: the decoder queue is full."""
+    running = asyncio.ensure_future(client.get("/sample?n=2&seed=1", headers=headers))
+    assert await asyncio.to_thread(gated.running.wait, 10)
+    queued = asyncio.ensure_future(client.get("/sample?n=2&seed=2", headers=headers))
+    await wait_until(lambda: sample_value(app, "vae_queue_depth", {"part": "decoder"}) == 2)
+    return running, queued
+
+
 @pytest.mark.asyncio
 async def test_full_queue_answers_503_with_retry_after(
     mnist_model_dir: Path, make_settings: Callable[..., Settings]
 ) -> None:
-    settings = make_settings(
-        mnist_model_dir, max_batch_size=2, max_wait_ms=0, max_queue_items=2, max_sample_n=2,
-        max_items_per_request=2, max_interpolation_steps=2,
-    )  # fmt: skip
-    async with gated_app(settings) as (app, client, gated):
-        running = asyncio.ensure_future(client.get("/sample?n=2&seed=1"))
-        await asyncio.to_thread(gated.running.wait, 10)
-        queued = asyncio.ensure_future(client.get("/sample?n=2&seed=2"))
-        await wait_until(lambda: sample_value(app, "vae_queue_depth", {"part": "decoder"}) == 2)
+    async with gated_app(make_settings(mnist_model_dir, **TWO_ITEM_QUEUE)) as (app, client, gated):
+        running, queued = await fill_decoder_queue(app, client, gated)
         rejected = await client.get("/sample?n=1")
         # Refused before its parameters are parsed: a full queue is cheaper to check than a request.
         shed_unparsed = await client.get("/sample?n=not-a-number")
@@ -131,17 +142,12 @@ async def test_full_queue_sheds_only_callers_with_the_key_and_with_cors_headers(
     mnist_model_dir: Path, make_settings: Callable[..., Settings]
 ) -> None:
     settings = make_settings(
-        mnist_model_dir, max_batch_size=2, max_wait_ms=0, max_queue_items=2, max_sample_n=2,
-        max_items_per_request=2, max_interpolation_steps=2, api_key="test-key",
-        cors_allow_origins="https://app.example",
-    )  # fmt: skip
+        mnist_model_dir, **TWO_ITEM_QUEUE, api_key="test-key", cors_allow_origins="https://app.example"
+    )
     origin = {"Origin": "https://app.example"}
     async with gated_app(settings) as (app, client, gated):
         keyed = {"X-API-Key": "test-key", **origin}
-        running = asyncio.ensure_future(client.get("/sample?n=2&seed=1", headers=keyed))
-        await asyncio.to_thread(gated.running.wait, 10)
-        queued = asyncio.ensure_future(client.get("/sample?n=2&seed=2", headers=keyed))
-        await wait_until(lambda: sample_value(app, "vae_queue_depth", {"part": "decoder"}) == 2)
+        running, queued = await fill_decoder_queue(app, client, gated, keyed)
         without_key = await client.get("/sample?n=1", headers=origin)
         wrong_key = await client.get("/sample?n=1", headers={"X-API-Key": "wrong", **origin})
         shed = await client.get("/sample?n=1", headers=keyed)
