@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -25,6 +27,15 @@ from app.metrics import PartMetrics
 Outputs = tuple[np.ndarray, ...]
 RunFunction = Callable[[np.ndarray], Outputs]
 Slices = list[tuple["_Request", int, int]]
+
+
+def lower_thread_priority(niceness: int) -> None:
+    """Add `niceness` to the calling thread's nice value; threads it starts later inherit the result.
+
+    Linux keeps a nice value per thread. Elsewhere it belongs to the whole process, so this does nothing.
+    """
+    if niceness and sys.platform == "linux":
+        os.nice(niceness)
 
 
 class _Request:
@@ -53,6 +64,7 @@ class Batcher:
         max_wait_ms: float,
         max_queue_items: int,
         threads: int = 1,
+        niceness: int = 0,
         metrics: PartMetrics | None = None,
     ) -> None:
         self.part = part
@@ -72,6 +84,7 @@ class Batcher:
         self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._threads = threads
+        self._niceness = niceness
 
     @property
     def queued_items(self) -> int:
@@ -159,6 +172,7 @@ class Batcher:
         Thread 0 runs whatever is queued; the others start only full batches, so under light load there
         are as few and as large runs as with one thread, and under a backlog the runs overlap.
         """
+        lower_thread_priority(self._niceness)
         while True:
             with self._lock:
                 while not self._batch_ready(worker):

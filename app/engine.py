@@ -9,6 +9,7 @@ import asyncio
 import logging
 import os
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from app.batcher import Batcher
+from app.batcher import Batcher, lower_thread_priority
 from app.config import ExecutionProvider, Settings
 from app.errors import NonFiniteValues
 from app.metrics import Metrics
@@ -52,6 +53,15 @@ def intra_op_threads(settings: Settings) -> int:
         return settings.intra_op_threads
     usable_cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, usable_cores // settings.inference_threads)
+
+
+def _open_session(
+    part: str, path: Path, options: ort.SessionOptions, providers: list[str]
+) -> ort.InferenceSession:
+    try:
+        return ort.InferenceSession(str(path), options, providers=providers)
+    except Exception as error:  # onnxruntime raises its own untyped errors for unreadable graphs
+        raise StartupError(f"onnxruntime cannot load the {part} {path}: {error}") from error
 
 
 def _check_dims(what: str, actual: Sequence[object], expected: Sequence[int]) -> None:
@@ -140,13 +150,14 @@ class Engine:
         options.inter_op_num_threads = 1
         # Idle onnxruntime threads spinning between batches would steal the CPU the event loop needs.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        sessions = []
-        for part in ("encoder", "decoder"):
-            try:
-                sessions.append(ort.InferenceSession(str(paths[part]), options, providers=providers))
-            except Exception as error:  # onnxruntime raises its own untyped errors for unreadable graphs
-                raise StartupError(f"onnxruntime cannot load the {part} {paths[part]}: {error}") from error
-        engine = cls(manifest, sessions[0], sessions[1], model_dir)
+        # onnxruntime starts its operator threads with the session, on a thread they take their niceness from.
+        with ThreadPoolExecutor(
+            1, initializer=lower_thread_priority, initargs=(settings.inference_niceness,)
+        ) as session_opener:
+            encoder, decoder = session_opener.map(
+                lambda part: _open_session(part, paths[part], options, providers), ("encoder", "decoder")
+            )
+        engine = cls(manifest, encoder, decoder, model_dir)
         if settings.execution_provider == "cuda" and engine.provider != CUDA:
             # onnxruntime falls back to CPU silently when the CUDA libraries fail to load.
             raise StartupError(
@@ -236,6 +247,7 @@ class Engine:
             "max_wait_ms": settings.max_wait_ms,
             "max_queue_items": settings.max_queue_items,
             "threads": settings.inference_threads,
+            "niceness": settings.inference_niceness,
         }
         self._encoder_batcher = Batcher(
             self.run_encoder, part="encoder", metrics=metrics.for_part("encoder"), **batching

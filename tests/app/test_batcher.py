@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 import threading
 from pathlib import Path
 
@@ -300,3 +302,23 @@ async def test_threads_run_batches_at_once_and_reassemble_out_of_order_runs() ->
         await batcher.stop()
     assert sorted(calls) == [[1, 2], [3, 4]]
     assert doubled.tolist() == [2, 4, 6, 8]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="only Linux gives each thread its own nice value")
+@pytest.mark.asyncio
+async def test_runs_happen_at_the_given_niceness_and_the_loop_keeps_its_own() -> None:
+    loop_niceness = os.getpriority(os.PRIO_PROCESS, 0)  # on Linux: the calling thread's
+    run_niceness: list[int] = []
+
+    def model(batch: np.ndarray) -> Outputs:
+        run_niceness.append(os.getpriority(os.PRIO_PROCESS, 0))
+        return (batch,)
+
+    batcher = Batcher(model, part="decoder", max_batch_size=1, max_wait_ms=0, max_queue_items=8, niceness=3)
+    batcher.start()
+    try:
+        await batcher.submit(items(1, 2))
+    finally:
+        await batcher.stop()
+    assert run_niceness == [min(19, loop_niceness + 3)] * 2
+    assert os.getpriority(os.PRIO_PROCESS, 0) == loop_niceness

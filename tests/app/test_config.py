@@ -1,14 +1,17 @@
-"""Settings (env, flags, documentation) and execution-provider selection."""
+"""Settings (env, flags, documentation), execution-provider selection and the model threads' priority."""
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import pytest
 
 from app.cli import build_parser, main
 from app.config import Settings
-from app.engine import StartupError, select_providers
+from app.engine import Engine, StartupError, select_providers
+from tests.app.conftest import settings_for
 
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
 
@@ -67,3 +70,25 @@ def test_cuda_requested_without_cuda_is_a_clear_error() -> None:
         StartupError, match="'cuda' was requested, but onnxruntime offers only CPUExecutionProvider"
     ):
         select_providers("cuda", [CPU])
+
+
+def thread_niceness() -> dict[int, int]:
+    """Each thread of this process by id: its nice value (/proc/self/task/<id>/stat field 19)."""
+    tasks = Path("/proc/self/task")
+    return {
+        int(task.name): int((task / "stat").read_text().rsplit(")", 1)[1].split()[16])
+        for task in tasks.iterdir()
+    }
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="only Linux gives each thread its own nice value")
+def test_onnxruntime_operator_threads_start_at_the_inference_niceness(mnist_model_dir: Path) -> None:
+    own_niceness = os.getpriority(os.PRIO_PROCESS, 0)
+    before = thread_niceness()
+    settings = settings_for(mnist_model_dir, intra_op_threads=2, inference_niceness=4)
+    engine = Engine.load(settings)  # its sessions hold the operator threads until `del engine`
+    started = {thread: nice for thread, nice in thread_niceness().items() if thread not in before}
+    assert len(started) == 2  # one operator thread besides the caller's, per session
+    assert set(started.values()) == {min(19, own_niceness + 4)}
+    assert os.getpriority(os.PRIO_PROCESS, 0) == own_niceness
+    del engine
