@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import os
 import sys
 import threading
@@ -23,6 +24,8 @@ import numpy as np
 
 from app.errors import ModelNotReady, QueueFull
 from app.metrics import PartMetrics
+
+logger = logging.getLogger(__name__)
 
 Outputs = tuple[np.ndarray, ...]
 RunFunction = Callable[[np.ndarray], Outputs]
@@ -35,7 +38,10 @@ def lower_thread_priority(niceness: int) -> None:
     Linux keeps a nice value per thread. Elsewhere it belongs to the whole process, so this does nothing.
     """
     if niceness and sys.platform == "linux":
-        os.nice(niceness)
+        try:
+            os.nice(niceness)
+        except OSError as error:  # a sandbox may refuse even this; the model still runs, just unprioritised
+            logger.warning("thread %s keeps its priority: %s", threading.current_thread().name, error)
 
 
 class _Request:

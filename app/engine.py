@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -55,13 +55,17 @@ def intra_op_threads(settings: Settings) -> int:
     return max(1, usable_cores // settings.inference_threads)
 
 
-def _open_session(
-    part: str, path: Path, options: ort.SessionOptions, providers: list[str]
-) -> ort.InferenceSession:
-    try:
-        return ort.InferenceSession(str(path), options, providers=providers)
-    except Exception as error:  # onnxruntime raises its own untyped errors for unreadable graphs
-        raise StartupError(f"onnxruntime cannot load the {part} {path}: {error}") from error
+def _open_sessions(
+    paths: Mapping[str, Path], options: ort.SessionOptions, providers: list[str]
+) -> list[ort.InferenceSession]:
+    """The encoder and decoder sessions, in that order; stops at the first that onnxruntime cannot load."""
+    sessions = []
+    for part in ("encoder", "decoder"):
+        try:
+            sessions.append(ort.InferenceSession(str(paths[part]), options, providers=providers))
+        except Exception as error:  # onnxruntime raises its own untyped errors for unreadable graphs
+            raise StartupError(f"onnxruntime cannot load the {part} {paths[part]}: {error}") from error
+    return sessions
 
 
 def _check_dims(what: str, actual: Sequence[object], expected: Sequence[int]) -> None:
@@ -154,9 +158,7 @@ class Engine:
         with ThreadPoolExecutor(
             1, initializer=lower_thread_priority, initargs=(settings.inference_niceness,)
         ) as session_opener:
-            encoder, decoder = session_opener.map(
-                lambda part: _open_session(part, paths[part], options, providers), ("encoder", "decoder")
-            )
+            encoder, decoder = session_opener.submit(_open_sessions, paths, options, providers).result()
         engine = cls(manifest, encoder, decoder, model_dir)
         if settings.execution_provider == "cuda" and engine.provider != CUDA:
             # onnxruntime falls back to CPU silently when the CUDA libraries fail to load.

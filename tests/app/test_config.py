@@ -74,21 +74,25 @@ def test_cuda_requested_without_cuda_is_a_clear_error() -> None:
 
 def thread_niceness() -> dict[int, int]:
     """Each thread of this process by id: its nice value (/proc/self/task/<id>/stat field 19)."""
-    tasks = Path("/proc/self/task")
-    return {
-        int(task.name): int((task / "stat").read_text().rsplit(")", 1)[1].split()[16])
-        for task in tasks.iterdir()
-    }
+    niceness = {}
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            niceness[int(task.name)] = int((task / "stat").read_text().rsplit(")", 1)[1].split()[16])
+        except FileNotFoundError:  # the thread ended meanwhile
+            continue
+    return niceness
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="only Linux gives each thread its own nice value")
 def test_onnxruntime_operator_threads_start_at_the_inference_niceness(mnist_model_dir: Path) -> None:
     own_niceness = os.getpriority(os.PRIO_PROCESS, 0)
+    if own_niceness + 4 > 19:
+        pytest.skip(f"the tests already run at niceness {own_niceness}: 4 more would be clamped to 19")
     before = thread_niceness()
     settings = settings_for(mnist_model_dir, intra_op_threads=2, inference_niceness=4)
     engine = Engine.load(settings)  # its sessions hold the operator threads until `del engine`
     started = {thread: nice for thread, nice in thread_niceness().items() if thread not in before}
     assert len(started) == 2  # one operator thread besides the caller's, per session
-    assert set(started.values()) == {min(19, own_niceness + 4)}
+    assert set(started.values()) == {own_niceness + 4}
     assert os.getpriority(os.PRIO_PROCESS, 0) == own_niceness
     del engine
