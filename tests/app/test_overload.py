@@ -31,9 +31,11 @@ SEEDS = range(16)
 # Idle connections are dropped well before uvicorn's 5 s keep-alive timeout (see KeepAliveClient).
 KEEPALIVE_EXPIRY_SECONDS = 1.0
 CLIENT_TIMEOUT_SECONDS = 10  # a request unanswered this long counts as a hang
-# The load generator would skip a launch rather than open more; at four times capacity about 200 are open
-# and up to 1,000 after a stall of a tenth of a second. Each open request holds a connection, so 2 files.
+# The load generator would skip a launch rather than open more, each open request holding a connection. At
+# four times capacity about 200 are open, and 700 to 1,000 at the peak of a 60 s soak.
 MAX_OPEN_REQUESTS = 2048
+SKIPPED_LIMIT_FRACTION = 0.001  # of the schedule: room for a stall of the load generator itself
+SCHEDULE_OVERRUN_LIMIT = 1.05  # launching took at most this times the soak: the offered rate was kept
 HEALTH_PROBE_INTERVAL_SECONDS = 0.1
 HEALTH_P99_LIMIT_SECONDS = 1.0
 RSS_SAMPLE_INTERVAL_SECONDS = 0.2
@@ -251,13 +253,14 @@ def allow_open_files(count: int) -> None:
     """Raise this process's soft limit on open files to `count`, within the hard limit; servers it starts
     inherit the limit."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = count if hard == resource.RLIM_INFINITY else min(count, hard)
-    if soft != resource.RLIM_INFINITY and soft < wanted:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    needed = f"the test needs {count} open files; the hard limit is {hard}"
+    assert hard == resource.RLIM_INFINITY or hard >= count, needed
+    if soft != resource.RLIM_INFINITY and soft < count:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (count, hard))
 
 
 def test_four_times_capacity_gives_results_or_503_504_and_recovers(tmp_path: Path) -> None:
-    allow_open_files(MAX_OPEN_REQUESTS + 256)  # a socket per open request, and the rest of the process
+    allow_open_files(MAX_OPEN_REQUESTS + 256)  # a socket per open request in each process, and the rest
     process, base_url, log = start_server(tmp_path, *SERVER_FLAGS)
     try:
         # Correct results first, one request per seed with the server otherwise idle.
@@ -325,7 +328,11 @@ def test_four_times_capacity_gives_results_or_503_504_and_recovers(tmp_path: Pat
         f" of capacity), statuses {dict(recovered_statuses)}"
     )
     assert not overload.transport_errors, f"hangs or dropped connections: {overload.transport_errors}"
-    assert overload.skipped == 0, f"{overload.skipped} launches skipped: the server fell behind the schedule"
+    scheduled = overload.launched + overload.skipped
+    assert overload.skipped <= SKIPPED_LIMIT_FRACTION * scheduled, (
+        f"{overload.skipped} of {scheduled} launches skipped: the server or the load generator fell behind"
+    )
+    assert overload.elapsed_seconds <= SCHEDULE_OVERRUN_LIMIT * SOAK_SECONDS, "the load generator fell behind"
     assert overload.statuses.total() == overload.launched, "every launched request got an answer"
     assert set(overload.statuses) <= {200, 503, 504}, overload.statuses
     assert overload.wrong_bodies == 0
