@@ -52,16 +52,16 @@ class Settings(BaseSettings):
         ),
     )
     inference_niceness: int = Field(
-        # At four times capacity the event loop ran 0.69 of a core and waited 0.26 behind the model's threads
-        # for one; it fell behind the load. At 10 it keeps up: 503s take 4 ms at the median, not 51 ms, and
-        # the soak test's client never finds 2,048 requests open (tests/app/test_overload.py, issue 6).
+        # At niceness 0 and four times capacity, the event loop ran 0.69 of a core and waited 0.26 for a core
+        # behind the model's threads, and fell behind the load. At 10 it keeps up: 503s take 4 ms at the
+        # median, not 51 ms, and the soak test's client never finds 2,048 requests open (issue 6).
         default=10,
         ge=0,
         le=19,
         description=(
             "The model's threads (the batchers' and onnxruntime's own) run this much nicer than the event "
-            "loop on Linux, so the loop, which reads every request and answers the 503s, gets the CPU first "
-            "under overload; 0 runs them at the process's priority."
+            "loop on Linux, so the loop, which reads every request and answers the 503s, gets most of a "
+            "contested core under overload; 0 runs them at the process's priority."
         ),
     )
     max_batch_size: int = Field(
