@@ -21,6 +21,7 @@ from app.batcher import Batcher, lower_thread_priority
 from app.config import ExecutionProvider, Settings
 from app.errors import NonFiniteValues
 from app.metrics import Metrics
+from model.latent_space import LatentSpace, LatentSpaceError, load_latent_space
 from model.manifest import DEFAULT_MODEL_DIR, Manifest, load_model_dir
 
 logger = logging.getLogger(__name__)
@@ -111,6 +112,11 @@ class Engine:
         names = manifest.tensors
         self._encoder_outputs = [names.encoder_mean, names.encoder_log_var]
         self._decoder_outputs = [names.decoder_output]
+        # Every output the decoder graph must have; the service runs only the images unless told otherwise.
+        self._decoder_graph_outputs = [names.decoder_output]
+        if names.decoder_logits is not None:
+            self._decoder_graph_outputs.append(names.decoder_logits)
+        self.latent_space: LatentSpace | None = None
 
     @property
     def provider(self) -> str:
@@ -160,6 +166,11 @@ class Engine:
         ) as session_opener:
             encoder, decoder = session_opener.submit(_open_sessions, paths, options, providers).result()
         engine = cls(manifest, encoder, decoder, model_dir)
+        if "latent_space" in paths:
+            try:
+                engine.latent_space = load_latent_space(paths["latent_space"], manifest.latent_dim)
+            except LatentSpaceError as error:
+                raise StartupError(f"the model's latent-space description is unusable: {error}") from error
         if settings.execution_provider == "cuda" and engine.provider != CUDA:
             # onnxruntime falls back to CPU silently when the CUDA libraries fail to load.
             raise StartupError(
@@ -190,23 +201,20 @@ class Engine:
         _check_names("encoder inputs", [node.name for node in encoder_inputs], [names.encoder_input])
         _check_names("encoder outputs", list(encoder_outputs), self._encoder_outputs)
         _check_names("decoder inputs", [node.name for node in decoder_inputs], [names.decoder_input])
-        _check_names("decoder outputs", list(decoder_outputs), self._decoder_outputs)
+        _check_names("decoder outputs", list(decoder_outputs), self._decoder_graph_outputs)
         for what, node in (
             (f"encoder input {names.encoder_input!r}", encoder_inputs[0]),
             (f"decoder input {names.decoder_input!r}", decoder_inputs[0]),
             *((f"encoder output {name!r}", encoder_outputs[name]) for name in self._encoder_outputs),
-            *((f"decoder output {name!r}", decoder_outputs[name]) for name in self._decoder_outputs),
+            *((f"decoder output {name!r}", decoder_outputs[name]) for name in self._decoder_graph_outputs),
         ):
             _check_float32(what, node.type)
         _check_dims(f"encoder input {names.encoder_input!r}", encoder_inputs[0].shape, image_shape)
         for name in self._encoder_outputs:
             _check_dims(f"encoder output {name!r}", encoder_outputs[name].shape, (-1, latent_dim))
         _check_dims(f"decoder input {names.decoder_input!r}", decoder_inputs[0].shape, (-1, latent_dim))
-        _check_dims(
-            f"decoder output {names.decoder_output!r}",
-            decoder_outputs[names.decoder_output].shape,
-            image_shape,
-        )
+        for name in self._decoder_graph_outputs:
+            _check_dims(f"decoder output {name!r}", decoder_outputs[name].shape, image_shape)
 
     def warm_up(self, batch_size: int) -> None:
         """Run one full batch through each part, so the first request does not pay for allocation."""

@@ -1,7 +1,9 @@
-"""Turn a trained VAE into a servable model directory: encoder.onnx, decoder.onnx and manifest.json.
+"""Turn a trained VAE into a servable model directory: encoder.onnx, decoder.onnx, manifest.json and, when
+the caller fitted one, latent_space.npz (training/latent_space.py).
 
 Both graphs are checked with onnx.checker and compared against PyTorch on onnxruntime before the manifest is
-written; a model directory with a manifest is therefore always one that passed the parity check.
+written; a model directory with a manifest is therefore always one that passed the parity check. The decoder
+returns the images and, as a second output, their pre-sigmoid logits (for exact Bernoulli likelihoods).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import tempfile
 import warnings
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import onnx
@@ -21,12 +23,13 @@ import onnxruntime
 import torch
 from torch import Tensor, nn
 
+from model.latent_space import LATENT_SPACE_FILENAME, LatentSpace, save_latent_space
 from model.manifest import (
     MANIFEST_FILENAME,
     ImageSpec,
     Manifest,
+    ModelFile,
     ModelFiles,
-    OnnxFile,
     TensorNames,
     TrainingData,
     sha256_of,
@@ -40,7 +43,8 @@ DECODER_FILENAME = "decoder.onnx"
 PARITY_TOLERANCE = 1e-4
 # Batch sizes the parity check runs at; two sizes prove the batch axis is really symbolic.
 PARITY_BATCH_SIZES = (1, 37)
-_TENSORS = TensorNames()
+DECODER_LOGITS = "logits"
+_TENSORS = TensorNames(decoder_logits=DECODER_LOGITS)
 _BATCH_DIM_NAME = "batch"
 
 
@@ -60,14 +64,17 @@ class _EncoderGraph(nn.Module):
 
 
 class _DecoderGraph(nn.Module):
-    """What decoder.onnx computes: latents (N, latent_dim) -> images (N, C, H, W) in [0, 1] via sigmoid."""
+    """What decoder.onnx computes: latents (N, latent_dim) -> images (N, C, H, W) in [0, 1] via sigmoid, and
+    the logits they come from.
+    """
 
     def __init__(self, vae: VAE) -> None:
         super().__init__()
         self.vae = vae
 
-    def forward(self, latents: Tensor) -> Tensor:
-        return torch.sigmoid(self.vae.decode(latents))
+    def forward(self, latents: Tensor) -> tuple[Tensor, Tensor]:
+        logits = self.vae.decode(latents)
+        return torch.sigmoid(logits), logits
 
 
 def _export_graph(
@@ -115,21 +122,24 @@ def check_parity(vae: VAE, encoder_path: Path, decoder_path: Path, *, seed: int 
     encoder = onnxruntime.InferenceSession(str(encoder_path), options, providers=providers)
     decoder = onnxruntime.InferenceSession(str(decoder_path), options, providers=providers)
     generator = torch.Generator().manual_seed(seed)
-    worst = {"mean": 0.0, "log_var": 0.0, "images": 0.0}
+    worst = {"mean": 0.0, "log_var": 0.0, "images": 0.0, "logits": 0.0}
     for batch_size in PARITY_BATCH_SIZES:
         images = torch.rand((batch_size, *vae.config.image_shape), generator=generator)
         latents = torch.randn((batch_size, vae.config.latent_dim), generator=generator)
         with torch.no_grad():
             mean, log_var = vae.encode(images)
-            decoded = torch.sigmoid(vae.decode(latents))
+            logits = vae.decode(latents)
         onnx_mean, onnx_log_var = encoder.run(
             [_TENSORS.encoder_mean, _TENSORS.encoder_log_var], {_TENSORS.encoder_input: images.numpy()}
         )
-        (onnx_images,) = decoder.run([_TENSORS.decoder_output], {_TENSORS.decoder_input: latents.numpy()})
+        onnx_images, onnx_logits = decoder.run(
+            [_TENSORS.decoder_output, DECODER_LOGITS], {_TENSORS.decoder_input: latents.numpy()}
+        )
         for output, actual, expected in (
             ("mean", onnx_mean, mean),
             ("log_var", onnx_log_var, log_var),
-            ("images", onnx_images, decoded),
+            ("images", onnx_images, torch.sigmoid(logits)),
+            ("logits", onnx_logits, logits),
         ):
             if actual.shape != tuple(expected.shape):
                 raise ExportError(
@@ -156,8 +166,11 @@ def export_model(
     training_data: TrainingData,
     test_metrics: dict[str, float],
     opset: int = 18,
+    latent_space: LatentSpace | None = None,
+    sample_quality: dict[str, Any] | None = None,
 ) -> Manifest:
-    """Write encoder.onnx, decoder.onnx, manifest.json to out_dir after a parity check; returns the manifest.
+    """Write encoder.onnx, decoder.onnx, manifest.json (and latent_space.npz when given) to out_dir after a
+    parity check; returns the manifest.
 
     Everything is built and checked in a staging directory first; on any failure out_dir is left untouched.
     """
@@ -186,10 +199,16 @@ def export_model(
             example_latents,
             decoder_path,
             tensors.decoder_input,
-            [tensors.decoder_output],
+            [tensors.decoder_output, DECODER_LOGITS],
             opset,
         )
         check_parity(vae, encoder_path, decoder_path)
+        latent_space_file = None
+        if latent_space is not None:
+            save_latent_space(staging / LATENT_SPACE_FILENAME, latent_space)
+            latent_space_file = ModelFile(
+                path=LATENT_SPACE_FILENAME, sha256=sha256_of(staging / LATENT_SPACE_FILENAME)
+            )
         manifest = Manifest(
             name=name,
             version=version,
@@ -210,14 +229,19 @@ def export_model(
                 "numpy": np.__version__,
             },
             files=ModelFiles(
-                encoder=OnnxFile(path=ENCODER_FILENAME, sha256=sha256_of(encoder_path)),
-                decoder=OnnxFile(path=DECODER_FILENAME, sha256=sha256_of(decoder_path)),
+                encoder=ModelFile(path=ENCODER_FILENAME, sha256=sha256_of(encoder_path)),
+                decoder=ModelFile(path=DECODER_FILENAME, sha256=sha256_of(decoder_path)),
+                latent_space=latent_space_file,
             ),
+            sample_quality=sample_quality,
         )
         # Drop any previous manifest first, so a crash mid-move never leaves one naming the wrong files.
         (out_dir / MANIFEST_FILENAME).unlink(missing_ok=True)
+        (out_dir / LATENT_SPACE_FILENAME).unlink(missing_ok=True)
         os.replace(encoder_path, out_dir / ENCODER_FILENAME)
         os.replace(decoder_path, out_dir / DECODER_FILENAME)
+        if latent_space_file is not None:
+            os.replace(staging / LATENT_SPACE_FILENAME, out_dir / LATENT_SPACE_FILENAME)
         write_manifest(out_dir, manifest)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -1,7 +1,9 @@
 """The model manifest: what a served model directory holds and promises.
 
 Torch-free on purpose: the offline exporter writes it and the service reads it with the same schema.
-A model directory is `encoder.onnx`, `decoder.onnx` and `manifest.json` side by side.
+A model directory is `encoder.onnx`, `decoder.onnx` and `manifest.json` side by side; from schema version 2
+on, also `latent_space.npz` (model/latent_space.py) when the exporter had data to describe the latent space.
+Version-1 manifests still load: they simply name no latent-space file and no decoder logits.
 """
 
 from __future__ import annotations
@@ -10,11 +12,11 @@ import hashlib
 import json
 from datetime import datetime
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-SCHEMA_VERSION: Literal[1] = 1
+SCHEMA_VERSION: Literal[2] = 2
 MANIFEST_FILENAME = "manifest.json"
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default"
 
@@ -48,6 +50,8 @@ class TensorNames(_Strict):
     encoder_log_var: str = "log_var"
     decoder_input: str = "latents"
     decoder_output: str = "images"
+    # The decoder's pre-sigmoid logits, a second output for exact Bernoulli likelihoods (schema 2 on).
+    decoder_logits: str | None = None
 
 
 class TrainingData(_Strict):
@@ -59,8 +63,8 @@ class TrainingData(_Strict):
     test_size: int = Field(ge=0)
 
 
-class OnnxFile(_Strict):
-    """One ONNX file of the model, relative to the model directory, with its sha256."""
+class ModelFile(_Strict):
+    """One file of the model (ONNX graph or latent-space description), relative to the model directory."""
 
     path: str
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
@@ -74,14 +78,15 @@ class OnnxFile(_Strict):
 
 
 class ModelFiles(_Strict):
-    encoder: OnnxFile
-    decoder: OnnxFile
+    encoder: ModelFile
+    decoder: ModelFile
+    latent_space: ModelFile | None = None  # schema 2 on, when the exporter described the latent space
 
 
 class Manifest(_Strict):
     """Everything the service needs to know about a model, and what was measured when it was made."""
 
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[1, 2] = SCHEMA_VERSION
     name: str = Field(min_length=1)
     version: str = Field(min_length=1)
     created_at: datetime
@@ -95,6 +100,8 @@ class Manifest(_Strict):
     opset: int = Field(ge=17)
     package_versions: dict[str, str]
     files: ModelFiles
+    # How good samples from each prior are, as the exporter measured them (training/sample_quality.py).
+    sample_quality: dict[str, Any] | None = None
 
 
 def sha256_of(path: Path) -> str:
@@ -127,9 +134,15 @@ def read_manifest(model_dir: Path) -> Manifest:
 
 
 def verify_files(model_dir: Path, manifest: Manifest) -> dict[str, Path]:
-    """Check each ONNX file exists and matches its sha256; returns {"encoder": path, "decoder": path}."""
+    """Check each file exists and matches its sha256; returns {"encoder": path, "decoder": path} and
+    "latent_space" when the manifest names one.
+    """
     paths: dict[str, Path] = {}
-    for part, entry in (("encoder", manifest.files.encoder), ("decoder", manifest.files.decoder)):
+    files = manifest.files
+    entries = [("encoder", files.encoder), ("decoder", files.decoder)]
+    if files.latent_space is not None:
+        entries.append(("latent_space", files.latent_space))
+    for part, entry in entries:
         path = model_dir / entry.path
         if not path.is_file():
             raise ManifestError(f"{part} file {entry.path} named in the manifest is missing from {model_dir}")
@@ -143,6 +156,6 @@ def verify_files(model_dir: Path, manifest: Manifest) -> dict[str, Path]:
 
 
 def load_model_dir(model_dir: Path) -> tuple[Manifest, dict[str, Path]]:
-    """Read and verify a model directory: the manifest and the checked paths of its ONNX files."""
+    """Read and verify a model directory: the manifest and the checked paths of its files."""
     manifest = read_manifest(model_dir)
     return manifest, verify_files(model_dir, manifest)

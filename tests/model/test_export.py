@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -15,6 +16,7 @@ from torch import Tensor
 
 import model.export
 from model.export import ExportError, export_untrained
+from model.latent_space import LATENT_SPACE_FILENAME, GaussianMixture, LatentSpace, load_latent_space
 from model.manifest import (
     ManifestError,
     TrainingData,
@@ -63,7 +65,8 @@ def test_graphs_have_the_contract_names_and_a_symbolic_batch_axis(exported: Expo
     ]
     assert [(v.name, _shape(v)) for v in decoder.graph.input] == [("latents", ["batch", latent_dim])]
     assert [(v.name, _shape(v)) for v in decoder.graph.output] == [
-        ("images", ["batch", channels, height, width])
+        ("images", ["batch", channels, height, width]),
+        ("logits", ["batch", channels, height, width]),
     ]
     # Weights are inline, sampling stays out of the graphs, the decoder ends in a sigmoid.
     assert sorted(path.name for path in exported.model_dir.iterdir()) == [
@@ -77,7 +80,8 @@ def test_graphs_have_the_contract_names_and_a_symbolic_batch_axis(exported: Expo
         }
         assert all(t.data_location == onnx.TensorProto.DEFAULT for t in graph.graph.initializer)
         assert graph.opset_import[0].version == 18
-    assert decoder.graph.node[-1].op_type == "Sigmoid"
+    images_producer = next(node for node in decoder.graph.node if "images" in node.output)
+    assert images_producer.op_type == "Sigmoid"
 
 
 @pytest.mark.parametrize("batch_size", BATCH_SIZES)
@@ -87,17 +91,22 @@ def test_onnxruntime_matches_pytorch(exported: ExportedModel, batch_size: int) -
     latents = 3 * torch.randn((batch_size, exported.vae.config.latent_dim), generator=generator)
     with torch.no_grad():
         mean, log_var = exported.vae.encode(images)
-        decoded = torch.sigmoid(exported.vae.decode(latents))
+        logits = exported.vae.decode(latents)
+        decoded = torch.sigmoid(logits)
     onnx_mean, onnx_log_var = _session(exported.model_dir / "encoder.onnx").run(
         None, {"images": images.numpy()}
     )
-    (onnx_images,) = _session(exported.model_dir / "decoder.onnx").run(None, {"latents": latents.numpy()})
+    onnx_images, onnx_logits = _session(exported.model_dir / "decoder.onnx").run(
+        None, {"latents": latents.numpy()}
+    )
     assert onnx_mean.shape == onnx_log_var.shape == (batch_size, exported.vae.config.latent_dim)
     assert onnx_images.shape == (batch_size, *exported.vae.config.image_shape)
     assert onnx_images.dtype == np.float32
     assert _max_abs_diff(onnx_mean, mean) <= 1e-4
     assert _max_abs_diff(onnx_log_var, log_var) <= 1e-4
     assert _max_abs_diff(onnx_images, decoded) <= 1e-4
+    # The logits are the decoder's own, not a logit of the rounded images: exact where sigmoid saturates.
+    assert _max_abs_diff(onnx_logits, logits) <= 1e-4
     assert onnx_images.min() >= 0.0
     assert onnx_images.max() <= 1.0
 
@@ -159,7 +168,9 @@ def test_parity_failure_raises_and_keeps_the_old_model(
     rgb_model: ExportedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A decoder graph that forgets the sigmoid exports and passes onnx.checker, but returns logits.
-    monkeypatch.setattr(model.export._DecoderGraph, "forward", lambda self, latents: self.vae.decode(latents))
+    monkeypatch.setattr(
+        model.export._DecoderGraph, "forward", lambda self, latents: (self.vae.decode(latents),) * 2
+    )
     model_dir = Path(shutil.copytree(rgb_model.model_dir, tmp_path / "model"))
     with pytest.raises(
         ExportError, match=r"onnxruntime images differs from PyTorch by max abs \d.* at batch 1"
@@ -194,3 +205,37 @@ def test_opset_below_17_is_refused(rgb_model: ExportedModel, tmp_path: Path) -> 
             opset=16,
         )
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_latent_space_file_is_written_checksummed_and_replaced(
+    rgb_model: ExportedModel, tmp_path: Path
+) -> None:
+    """Export with a description writes latent_space.npz and names it; an export without one removes it."""
+    dim = rgb_model.vae.config.latent_dim
+    description = LatentSpace(
+        aggregate_mean=np.zeros(dim),
+        aggregate_std=np.ones(dim),
+        test_kl_per_dim=np.ones(dim),
+        test_mean_variance=np.ones(dim),
+        prior=GaussianMixture(np.ones(1), np.zeros((1, dim)), np.eye(dim)[None]),
+    )
+    export = functools.partial(
+        model.export.export_model,
+        rgb_model.vae,
+        tmp_path,
+        name="described",
+        version="2",
+        likelihood="bernoulli",
+        training_data=TrainingData(name="none", train_size=0, validation_size=0, test_size=0),
+        test_metrics={},
+    )
+    manifest = export(latent_space=description, sample_quality={"priors": {"gmm": {"confident_share": 0.5}}})
+    assert manifest.schema_version == 2 and manifest.tensors.decoder_logits == "logits"
+    assert manifest.files.latent_space is not None
+    assert manifest.files.latent_space.sha256 == sha256_of(tmp_path / LATENT_SPACE_FILENAME)
+    assert read_manifest(tmp_path).sample_quality == {"priors": {"gmm": {"confident_share": 0.5}}}
+    assert load_model_dir(tmp_path)[1]["latent_space"] == tmp_path / LATENT_SPACE_FILENAME
+    loaded = load_latent_space(tmp_path / LATENT_SPACE_FILENAME, dim)
+    assert loaded.prior is not None and loaded.prior.components == 1
+    assert export().files.latent_space is None
+    assert not (tmp_path / LATENT_SPACE_FILENAME).exists()
