@@ -15,13 +15,19 @@ import typing
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+
 from model.export import export_model
+from model.latent_space import LatentSpace
 from model.manifest import Manifest, TrainingData
 from model.vae import VAE
 from training.config import ConfigError, TrainConfig, load_config, read_toml
 from training.data import DatasetError, DataSplits, load_dataset
 from training.evaluate import evaluate
+from training.latent_space import DecodeFunction, EncodeFunction, fit_latent_space
 from training.plots import save_all_plots
+from training.sample_quality import sample_quality, train_judge
 from training.train import (
     CHECKPOINT_FILENAME,
     Trainer,
@@ -96,6 +102,51 @@ def _evaluate_test_split(vae: VAE, config: TrainConfig, splits: DataSplits) -> d
     )
 
 
+def numpy_functions(vae: VAE) -> tuple[EncodeFunction, DecodeFunction]:
+    """The VAE's encoder and decoder as numpy functions, as the exported graphs compute them."""
+
+    @torch.no_grad()
+    def encode(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        mean, log_var = vae.encode(torch.from_numpy(images))
+        return mean.numpy(), log_var.numpy()
+
+    @torch.no_grad()
+    def decode(latents: np.ndarray) -> np.ndarray:
+        return torch.sigmoid(vae.decode(torch.from_numpy(latents))).numpy()
+
+    return encode, decode
+
+
+def describe_latent_space(
+    vae: VAE, config: TrainConfig, splits: DataSplits
+) -> tuple[LatentSpace | None, dict[str, Any] | None]:
+    """The latent-space description to export (None when switched off) and, for labelled data with
+    judge_epochs > 0, its sample-quality table.
+    """
+    if not config.latent_space:
+        return None, None
+    encode, decode = numpy_functions(vae.eval())
+    space = fit_latent_space(encode, decode, splits, seed=config.seed)
+    prior = space.info["prior"]
+    print(
+        f"latent space: prior {prior['components']} {prior['covariance_type']} Gaussians, "
+        f"labels {list(space.labels) or 'none'}, attributes {space.attribute_names}",
+        file=sys.stderr,
+    )
+    if not (space.labels and config.judge_epochs):
+        return space, None
+    judge = train_judge(
+        splits.train, splits.test, len(space.labels), epochs=config.judge_epochs, seed=config.seed
+    )
+    quality = sample_quality(space, encode, decode, judge, splits.test, seed=config.seed)
+    priors = ", ".join(
+        f"{name} {values['confident_share']:.0%} confident, FD {values['frechet_distance']:.2f}"
+        for name, values in quality["priors"].items()
+    )
+    print(f"sample quality ({quality['judge']}): {priors}", file=sys.stderr)
+    return space, quality
+
+
 def train_main(argv: list[str] | None = None) -> int:
     """`vae-train`: train (or resume), evaluate the best checkpoint on the test split, save plots, export."""
     parser = argparse.ArgumentParser(prog="vae-train", description=train_main.__doc__)
@@ -148,6 +199,7 @@ def train_main(argv: list[str] | None = None) -> int:
     save_checkpoint(trainer.checkpoint_path, payload)
     save_all_plots(vae, state.history, splits.test.images, splits.test.labels, run_dir)
 
+    latent_space, quality = describe_latent_space(vae, config, splits)
     export_dir = arguments.export_dir or run_dir / "model"
     manifest = export_model(
         vae,
@@ -157,6 +209,8 @@ def train_main(argv: list[str] | None = None) -> int:
         likelihood=config.likelihood,
         training_data=_training_data(payload["dataset"]),
         test_metrics=test_metrics,
+        latent_space=latent_space,
+        sample_quality=quality,
     )
     _report(manifest, export_dir)
     return 0
@@ -170,8 +224,9 @@ def _report(manifest: Manifest, export_dir: Path) -> None:
 def export_main(argv: list[str] | None = None) -> int:
     """`vae-export CHECKPOINT OUT_DIR`: export a checkpoint's best weights as ONNX + manifest.
 
-    Re-evaluates on the test split when the checkpoint's dataset can be loaded with the same split sizes;
-    otherwise reuses the test metrics stored in the checkpoint by vae-train.
+    Re-evaluates on the test split and fits the latent-space description when the checkpoint's dataset can
+    be loaded with the same split sizes; otherwise reuses the test metrics stored in the checkpoint by
+    vae-train and exports without a latent-space description.
     """
     parser = argparse.ArgumentParser(prog="vae-export", description=export_main.__doc__)
     parser.add_argument("checkpoint", type=Path)
@@ -185,12 +240,14 @@ def export_main(argv: list[str] | None = None) -> int:
         parser.error(str(error))
     config = TrainConfig.from_dict(checkpoint["train_config"])
     vae = model_from_checkpoint(checkpoint)
+    latent_space, quality = None, None
     try:
         splits = load_dataset(config)
         if splits.sizes() != checkpoint["dataset"]:
             raise DatasetError(f"dataset now splits as {splits.sizes()}, checkpoint: {checkpoint['dataset']}")
         test_metrics = _evaluate_test_split(vae, config, splits)
         print("re-evaluated on the test split", file=sys.stderr)
+        latent_space, quality = describe_latent_space(vae, config, splits)
     except DatasetError as error:
         if "test_metrics" not in checkpoint:
             parser.error(f"cannot re-evaluate ({error}) and the checkpoint stores no test metrics")
@@ -204,6 +261,8 @@ def export_main(argv: list[str] | None = None) -> int:
         likelihood=config.likelihood,
         training_data=_training_data(checkpoint["dataset"]),
         test_metrics=test_metrics,
+        latent_space=latent_space,
+        sample_quality=quality,
     )
     _report(manifest, arguments.out_dir)
     return 0

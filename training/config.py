@@ -32,7 +32,7 @@ class TrainConfig:
     validation_fraction: float = 0.1  # folder / npz datasets: share of images for validation
     test_fraction: float = 0.1  # folder / npz datasets: share of images for the test split
     split_seed: int = 0  # fixes the validation (and folder/npz test) split independently of `seed`
-    max_train_images: int | None = None  # use only the first N training images (quick experiments, tests)
+    max_train_images: int | None = None  # use only N training images, a seeded random choice (quick runs)
     # Augmentation of training batches: integer translations, then an optional mild affine warp.
     translate_pixels: int = 0
     rotate_degrees: float = 0.0
@@ -59,6 +59,8 @@ class TrainConfig:
     # Evaluation on the test split.
     eval_samples: int = 16  # posterior samples for the reconstruction term of the negative ELBO
     iwae_samples: int = 64  # importance samples for the IWAE bound; 0 skips it
+    latent_space: bool = True  # fit and export latent_space.npz (priors, labels, attributes, projection)
+    judge_epochs: int = 8  # epochs of the sample-quality classifier (labelled data only); 0 skips it
     # Export.
     model_name: str = "mnist-vae"
     model_version: str = "1.0.0"
@@ -70,8 +72,13 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.learning_rate <= 0:
             raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
-        if self.free_bits < 0 or self.kl_warmup_epochs < 0 or self.translate_pixels < 0:
-            raise ConfigError("free_bits, kl_warmup_epochs and translate_pixels must be >= 0")
+        if (
+            self.free_bits < 0
+            or self.kl_warmup_epochs < 0
+            or self.translate_pixels < 0
+            or self.judge_epochs < 0
+        ):
+            raise ConfigError("free_bits, kl_warmup_epochs, translate_pixels and judge_epochs must be >= 0")
         if not 0 <= self.scale_range < 1:
             raise ConfigError(f"scale_range must be in [0, 1), got {self.scale_range}")
         if not 0 <= self.augment_probability <= 1:

@@ -43,6 +43,7 @@ class DataSplits:
     validation: Split
     test: Split
     skipped_files: int = 0
+    label_names: tuple[str, ...] = ()  # label i is label_names[i]; empty when unlabelled
 
     def sizes(self) -> dict[str, str | int]:
         """The manifest's TrainingData fields: name, train_size, validation_size, test_size."""
@@ -61,6 +62,7 @@ class LoadedImages:
     images: np.ndarray
     labels: np.ndarray | None
     skipped_files: int = 0
+    label_names: tuple[str, ...] = ()  # labels are indices into this
 
 
 def mnist_split_indices(labels: np.ndarray, validation_size: int, split_seed: int) -> dict[str, np.ndarray]:
@@ -89,7 +91,7 @@ def load_mnist() -> LoadedImages:
 
     pixels, labels = mnist_data()
     images = (pixels.reshape(-1, *MNIST_SHAPE) / 255.0).astype(np.float32)
-    return LoadedImages(images, labels.astype(np.int64))
+    return LoadedImages(images, labels.astype(np.int64), label_names=tuple(str(d) for d in range(10)))
 
 
 def _to_float_images(array: np.ndarray, source: str) -> np.ndarray:
@@ -128,7 +130,8 @@ def load_npz(path: Path, image_shape: tuple[int, int, int]) -> LoadedImages:
     """Load a .npz file with key `images` and optional key `labels`.
 
     `images`: (N, H, W), (N, C, H, W) or (N, H, W, C) with C in {1, 3}; uint8 in 0..255 or float in [0, 1].
-    `labels`: (N,) integers. Images whose shape differs from image_shape are resized (and gray <-> RGB
+    `labels`: (N,) integers; they are renumbered 0..L-1 in sorted order and their values become the label
+    names. Images whose shape differs from image_shape are resized (and gray <-> RGB
     converted).
     """
     try:
@@ -153,7 +156,11 @@ def load_npz(path: Path, image_shape: tuple[int, int, int]) -> LoadedImages:
     if labels is not None and labels.shape != (len(images),):
         raise DatasetError(f"{path}: labels must have shape ({len(images)},), got {labels.shape}")
     resized = _resize_array_images(_to_float_images(images, str(path)), image_shape)
-    return LoadedImages(np.ascontiguousarray(resized), labels)
+    names: tuple[str, ...] = ()
+    if labels is not None:
+        values, labels = np.unique(labels, return_inverse=True)
+        names = tuple(str(value) for value in values)
+    return LoadedImages(np.ascontiguousarray(resized), labels, label_names=names)
 
 
 def load_image_folder(root: Path, image_shape: tuple[int, int, int]) -> LoadedImages:
@@ -179,10 +186,11 @@ def load_image_folder(root: Path, image_shape: tuple[int, int, int]) -> LoadedIm
         raise DatasetError(f"no readable images (.png, .jpg, .jpeg, .webp) under {root}; skipped {skipped}")
     classes = [p.relative_to(root).parts[0] for p in kept]
     labels = None
+    names: tuple[str, ...] = ()
     if all(len(p.relative_to(root).parts) > 1 for p in kept):
-        names = sorted(set(classes))
+        names = tuple(sorted(set(classes)))
         labels = np.array([names.index(c) for c in classes], dtype=np.int64)
-    return LoadedImages(np.stack(arrays), labels, skipped)
+    return LoadedImages(np.stack(arrays), labels, skipped, names)
 
 
 def random_split_indices(
@@ -224,7 +232,9 @@ def load_dataset(config: TrainConfig) -> DataSplits:
             len(loaded.images), config.validation_fraction, config.test_fraction, config.split_seed
         )
     if config.max_train_images is not None:
-        indices["train"] = indices["train"][: config.max_train_images]
+        # A random subset, not the first N: MNIST is sorted by class, so those would all be zeros.
+        subset = np.random.default_rng(config.split_seed).permutation(indices["train"])
+        indices["train"] = np.sort(subset[: config.max_train_images])
 
     def take(index: np.ndarray) -> Split:
         labels = None if loaded.labels is None else loaded.labels[index]
@@ -236,4 +246,5 @@ def load_dataset(config: TrainConfig) -> DataSplits:
         validation=take(indices["validation"]),
         test=take(indices["test"]),
         skipped_files=loaded.skipped_files,
+        label_names=loaded.label_names,
     )

@@ -34,7 +34,16 @@ METRICS_CSV = "metrics.csv"
 METRICS_JSON = "metrics.json"
 # Keys that may differ between a checkpoint's config and the config of the run that resumes it.
 RESUMABLE_CHANGES = frozenset(
-    {"progress", "num_threads", "eval_samples", "iwae_samples", "model_name", "model_version"}
+    {
+        "progress",
+        "num_threads",
+        "eval_samples",
+        "iwae_samples",
+        "model_name",
+        "model_version",
+        "latent_space",
+        "judge_epochs",
+    }
 )
 _VALIDATION_SEED_OFFSET = 1_000_003
 

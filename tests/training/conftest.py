@@ -24,6 +24,7 @@ TINY: dict[str, Any] = {
     "translate_pixels": 1,
     "kl_warmup_epochs": 1,
     "free_bits": 0.05,
+    "judge_epochs": 1,
 }
 
 

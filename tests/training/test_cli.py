@@ -11,6 +11,7 @@ import onnxruntime
 import pytest
 import torch
 
+from model.latent_space import LATENT_SPACE_FILENAME, load_latent_space
 from model.manifest import load_model_dir
 from training.cli import export_main, train_main
 from training.config import TrainConfig
@@ -84,6 +85,23 @@ def test_train_writes_run_artefacts_and_a_loadable_onnx_pair(trained_run: Path) 
     assert sorted(manifest.test_metrics) == METRIC_KEYS
     assert manifest.test_metrics == json.loads((trained_run / "test_metrics.json").read_text())
     _run_onnx_pair(trained_run / "model")
+    # The latent-space description and, MNIST being labelled, the sample-quality table.
+    assert manifest.files.latent_space is not None
+    space = load_latent_space(trained_run / "model" / LATENT_SPACE_FILENAME, 4)
+    assert space.labels == tuple("0123456789") and space.prior is not None
+    assert manifest.sample_quality is not None
+    assert set(manifest.sample_quality["priors"]) == {"standard", "gmm"}
+    assert set(manifest.sample_quality["label_accuracy"]["per_label"]) == set(space.labels)
+
+
+def test_no_latent_space_flag_exports_without_one(
+    tmp_path: Path, tiny_flags: Callable[..., list[str]]
+) -> None:
+    flags = tiny_flags(epochs=1, latent_space=False)
+    assert train_main(["--run-dir", str(tmp_path), *flags]) == 0
+    manifest, paths = load_model_dir(tmp_path / "model")
+    assert manifest.files.latent_space is None and manifest.sample_quality is None
+    assert "latent_space" not in paths
 
 
 def test_export_reevaluates_and_reproduces_the_metrics(trained_run: Path, tmp_path: Path) -> None:

@@ -40,7 +40,7 @@ def test_image_folder_grayscale_resizes_skips_and_labels(tmp_path: Path) -> None
     assert loaded.skipped_files == 1
     # Sorted paths: cats/nested/red.jpg, cats/white.png, dogs/black.PNG, dogs/gray.webp, dogs/palette.png
     assert loaded.labels is not None
-    assert loaded.labels.tolist() == [0, 0, 1, 1, 1]
+    assert loaded.labels.tolist() == [0, 0, 1, 1, 1] and loaded.label_names == ("cats", "dogs")
     means = loaded.images.mean(axis=(1, 2, 3))
     assert means[1] == 1.0
     assert means[2] == 0.0
@@ -101,7 +101,8 @@ def test_npz_layouts_uint8(tmp_path: Path, shape: tuple[int, ...], expected: tup
     assert loaded.images[0].max() == 0.0
     assert loaded.images[1].min() == 1.0
     assert loaded.labels is not None
-    assert loaded.labels.tolist() == [7, 8, 9]
+    # Labels are renumbered 0..L-1 in sorted order; their values become the label names.
+    assert loaded.labels.tolist() == [0, 1, 2] and loaded.label_names == ("7", "8", "9")
 
 
 def test_npz_float_images_are_resized_and_unlabelled(tmp_path: Path) -> None:
@@ -157,5 +158,6 @@ def test_mnist_dataset_sizes_and_subset() -> None:
     )
     assert splits.test.labels is not None
     assert splits.test.labels.tolist() == [c for c in range(10) for _ in range(50)]
+    assert splits.label_names == tuple("0123456789")
     with pytest.raises(DatasetError, match="mnist images are"):
         load_dataset(TrainConfig(image_shape=(1, 32, 32)))
