@@ -136,6 +136,27 @@ class Settings(BaseSettings):
             "GET /sample accepts temperatures up to this value; larger values are rejected with 422."
         ),
     )
+    max_frames_per_request: int = Field(
+        default=256,
+        ge=1,
+        description=(
+            "POST /traverse (dimensions times steps) and POST /edit (amounts) return at most this many "
+            "frames; more are rejected with 422."
+        ),
+    )
+    max_traverse_span: float = Field(
+        default=10.0,
+        gt=0,
+        description=(
+            "POST /traverse accepts spans up to this many aggregate-posterior standard deviations; larger "
+            "ones are rejected with 422."
+        ),
+    )
+    max_edit_amount: float = Field(
+        default=10.0,
+        gt=0,
+        description="POST /edit accepts amounts up to this magnitude; larger ones are rejected with 422.",
+    )
     log_level: LogLevel = Field(default="info", description="Log messages below this level are not written.")
     access_log: bool = Field(
         # One log line per request costs about a tenth of /encode's throughput; vae_requests_total and

@@ -221,17 +221,23 @@ def encode_base64_pngs(images: np.ndarray) -> list[str]:
     return [base64.b64encode(png).decode("ascii") for png in encode_pngs(images)]
 
 
-def grid_shape(count: int) -> tuple[int, int]:
-    """(rows, columns) of a near-square grid holding `count` tiles."""
-    columns = math.ceil(math.sqrt(count))
+def grid_shape(count: int, columns: int | None = None) -> tuple[int, int]:
+    """(rows, columns) of a grid holding `count` tiles: near-square, or `columns` wide (at most count)."""
+    columns = math.ceil(math.sqrt(count)) if columns is None else max(1, min(columns, count))
     return math.ceil(count / columns), columns
 
 
-def encode_png_grid(images: np.ndarray, padding: int = GRID_PADDING_PIXELS) -> bytes:
-    """(N, C, H, W) float in [0, 1] -> one PNG: near-square grid, `padding` black pixels around tiles."""
+def encode_png_grid(
+    images: np.ndarray, columns: int | None = None, padding: int = GRID_PADDING_PIXELS
+) -> bytes:
+    """(N, C, H, W) float in [0, 1] -> one PNG: a grid (near-square unless `columns` is given) with `padding`
+    black pixels around tiles; a single image is returned as it is, without padding.
+    """
     tiles = to_uint8(images)
+    if len(tiles) == 1:
+        return _png_bytes(tiles[0])
     count, height, width, channels = tiles.shape
-    rows, columns = grid_shape(count)
+    rows, columns = grid_shape(count, columns)
     grid = np.zeros(
         (rows * (height + padding) + padding, columns * (width + padding) + padding, channels), dtype=np.uint8
     )

@@ -6,12 +6,12 @@ import asyncio
 import base64
 import binascii
 import json
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
@@ -19,7 +19,7 @@ from app.config import Settings
 from app.errors import InvalidRequest, LimitExceeded, UnsupportedMediaType, VaeError
 from app.images import INLINE_DECODE_MAX_PIXELS, read_image_header, to_model_batch
 from app.multipart import boundary_of, parse_form, text_value
-from app.schemas import InterpolateOptions, InterpolateRequest
+from app.schemas import InterpolateOptions, InterpolateRequest, LatentRequest
 
 IMAGE_FIELDS = ("file", "files")
 MAX_FORM_FIELDS = 16
@@ -150,11 +150,7 @@ async def read_interpolation(request: Request) -> tuple[Endpoint, Endpoint, Inte
         options = _validate(InterpolateOptions, text_fields(form, ("steps", "method")))
         return endpoints[0], endpoints[1], options
     if kind in ("application/json", ""):
-        try:
-            payload = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise InvalidRequest(f"the body is not valid JSON ({error})") from None
-        parsed = _validate(InterpolateRequest, payload)
+        parsed = _validate(InterpolateRequest, await _json_body(request))
         start = _base64_image(parsed.start, "start") if isinstance(parsed.start, str) else parsed.start
         end = _base64_image(parsed.end, "end") if isinstance(parsed.end, str) else parsed.end
         return start, end, InterpolateOptions(steps=parsed.steps, method=parsed.method)
@@ -164,7 +160,35 @@ async def read_interpolation(request: Request) -> tuple[Endpoint, Endpoint, Inte
     )
 
 
-def _validate(model: type[InterpolateOptions], payload: Any) -> Any:
+async def read_latent_or_image(request: Request, settings: Settings) -> list[float] | bytes:
+    """What /traverse and /edit start from: JSON `{"latent": [...]}`, or one image (multipart field `file`,
+    or a raw image body) to be encoded to its posterior mean.
+    """
+    kind = media_type(request)
+    if kind in ("application/json", ""):
+        return _validate(LatentRequest, await _json_body(request)).latent
+    if kind != "multipart/form-data" and not kind.startswith("image/"):
+        raise UnsupportedMediaType(
+            f"Content-Type {kind!r} is not accepted; send application/json with a latent vector "
+            "({\"latent\": [...]}), an image body (image/png, ...) or multipart/form-data with field 'file'"
+        )
+    blobs = await read_image_blobs(request, settings)
+    if len(blobs) != 1:
+        raise LimitExceeded("the number of images", len(blobs), 1)
+    return blobs[0]
+
+
+async def _json_body(request: Request) -> Any:
+    try:
+        return json.loads(await request.body())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise InvalidRequest(f"the body is not valid JSON ({error})") from None
+
+
+Model = TypeVar("Model", bound=BaseModel)
+
+
+def _validate(model: type[Model], payload: Any) -> Model:
     try:
         return model.model_validate(payload)
     except ValidationError as error:

@@ -8,9 +8,11 @@ from typing import Literal
 
 import numpy as np
 
-from app.errors import InvalidLatents, NonFiniteValues
+from app.errors import InvalidLatents, InvalidRequest, NonFiniteValues
+from model.latent_space import LatentSpace, sample_standard
 
 InterpolationMethod = Literal["linear", "slerp"]
+Prior = Literal["standard", "gmm"]
 # Below this |sin(angle)| two latent vectors count as (anti)parallel and slerp falls back to linear.
 PARALLEL_SINE_TOLERANCE = 1e-6
 SEED_LIMIT = 2**63
@@ -39,8 +41,49 @@ def latents_array(rows: Sequence[Sequence[float]], latent_dim: int, what: str = 
 
 def sample_latents(count: int, latent_dim: int, seed: int, temperature: float) -> np.ndarray:
     """(count, L) float32 from N(0, T^2 I): default_rng(seed).standard_normal((count, L)) * T."""
-    noise = np.random.default_rng(seed).standard_normal((count, latent_dim))
-    return (noise * temperature).astype(np.float32)
+    return sample_standard(np.random.default_rng(seed), count, latent_dim, temperature).astype(np.float32)
+
+
+def available_priors(space: LatentSpace | None) -> list[str]:
+    """The priors a model offers, its best (the default) first: the fitted mixture when it has one."""
+    return ["gmm", "standard"] if space is not None and space.prior is not None else ["standard"]
+
+
+def draw_latents(
+    space: LatentSpace | None,
+    latent_dim: int,
+    count: int,
+    seed: int,
+    temperature: float,
+    prior: Prior | None = None,
+    label: str | None = None,
+) -> tuple[np.ndarray, str]:
+    """(count, L) float32 latents from the requested prior (default: the model's best) or label density,
+    and the name of the prior used ("standard", "gmm" or "label").
+
+    Every density is sampled with default_rng(seed); temperature scales its spread: N(0, T^2 I) for standard,
+    and for a mixture the chosen component's covariance times T^2 around its mean.
+    """
+    rng = np.random.default_rng(seed)
+    if label is not None:
+        if prior is not None:
+            raise InvalidRequest("give prior or label, not both: label samples that label's own density")
+        if space is None or not space.labels:
+            raise InvalidRequest("this model was trained without labels, so label cannot be used")
+        index = space.label_index(label)
+        if index is None:
+            raise InvalidRequest(
+                f"label {label!r} is not one of this model's labels: {', '.join(space.labels)}"
+            )
+        return space.class_densities[index].sample(rng, count, temperature).astype(np.float32), "label"
+    offered = available_priors(space)
+    chosen = prior or offered[0]
+    if chosen not in offered:
+        raise InvalidRequest(f"prior {chosen!r} is not offered by this model; it offers {', '.join(offered)}")
+    if chosen == "gmm":
+        assert space is not None and space.prior is not None
+        return space.prior.sample(rng, count, temperature).astype(np.float32), "gmm"
+    return sample_standard(rng, count, latent_dim, temperature).astype(np.float32), "standard"
 
 
 def reparameterize(mean: np.ndarray, log_var: np.ndarray, seed: int) -> np.ndarray:

@@ -20,6 +20,7 @@ from app.auth import ApiKeyMiddleware, ApiKeyPolicy, document_security, route_ac
 from app.config import Settings
 from app.engine import Engine
 from app.errors import install_error_handlers
+from app.latent_routes import router as latent_router
 from app.metrics import Metrics
 from app.middleware import LoadShedder, MetricsMiddleware, RequestGuardMiddleware, RequestRecorder
 from app.reload import ModelReloader
@@ -99,7 +100,7 @@ def create_app(
     app.state.metrics = metrics
     app.state.engine = None
     install_error_handlers(app)
-    for included in (query_router, router, admin_router):
+    for included in (query_router, latent_router, router, admin_router):
         # Into the app's own route list: include_router would add a lookup to every request (3% of /encode).
         app.router.routes.extend(included.routes)
     routes = list(app.routes)

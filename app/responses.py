@@ -49,19 +49,29 @@ def wants_png(accept: str) -> bool:
 
 
 async def image_response(
-    request: Request, images: np.ndarray, image_format: ImageFormat, **extra: Any
+    request: Request,
+    images: np.ndarray,
+    image_format: ImageFormat,
+    columns: int | None = None,
+    **extra: Any,
 ) -> Response:
-    """(N, C, H, W) float32 in [0, 1] -> a PNG grid, or JSON `images` as base64 PNGs or nested lists."""
+    """(N, C, H, W) float32 in [0, 1] -> a PNG grid (`columns` wide, else near-square; one image: itself),
+    or JSON `images` as base64 PNGs or nested lists, with the `extra` fields that are not None.
+    """
     if images.size <= INLINE_ENCODE_MAX_VALUES:
-        return _image_response(request, images, image_format, extra)
-    return await asyncio.to_thread(_image_response, request, images, image_format, extra)
+        return _image_response(request, images, image_format, columns, extra)
+    return await asyncio.to_thread(_image_response, request, images, image_format, columns, extra)
 
 
 def _image_response(
-    request: Request, images: np.ndarray, image_format: ImageFormat, extra: dict[str, Any]
+    request: Request,
+    images: np.ndarray,
+    image_format: ImageFormat,
+    columns: int | None,
+    extra: dict[str, Any],
 ) -> Response:
     if wants_png(request.headers.get("accept", "")):
-        return Response(encode_png_grid(images), media_type="image/png")
+        return Response(encode_png_grid(images, columns), media_type="image/png")
     encoded = encode_base64_pngs(images) if image_format == "png" else np.ascontiguousarray(images)
     body = {"format": image_format, "shape": list(images.shape[1:]), "images": encoded}
     body.update((key, value) for key, value in extra.items() if value is not None)

@@ -17,7 +17,16 @@ from app.engine import Engine
 from app.errors import LimitExceeded, ModelNotReady, NonFiniteValues
 from app.images import RESAMPLING_FILTER
 from app.inputs import images_to_array, read_image_blobs, read_interpolation
-from app.latents import SEED_LIMIT, interpolate, latents_array, pick_seed, reparameterize, sample_latents
+from app.latents import (
+    SEED_LIMIT,
+    Prior,
+    available_priors,
+    draw_latents,
+    interpolate,
+    latents_array,
+    pick_seed,
+    reparameterize,
+)
 from app.metrics import Metrics
 from app.responses import ArrayJSONResponse, image_response
 from app.routing import QueryRoute
@@ -29,6 +38,7 @@ from app.schemas import (
     InterpolateRequest,
     Problem,
 )
+from model.latent_space import LatentSpace
 
 router = APIRouter()
 # The endpoints that read the request themselves and take query parameters only: see app/routing.py.
@@ -98,7 +108,7 @@ _PROBLEMS: dict[int | str, dict[str, Any]] = {
         (504, "Deadline exceeded."),
     )
 }
-_IMAGE_RESPONSES: dict[int | str, dict[str, Any]] = {
+IMAGE_RESPONSES: dict[int | str, dict[str, Any]] = {
     **_PROBLEMS,
     200: {
         "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
@@ -117,6 +127,9 @@ FormatQuery = Annotated[
     Query(alias="format", description="png: base64 PNG per image; array: (C, H, W) floats in [0, 1]."),
 ]
 SeedQuery = Annotated[int | None, Query(ge=0, lt=SEED_LIMIT, description="Seed for reproducible sampling.")]
+ColumnsQuery = Annotated[
+    int | None, Query(ge=1, description="Width of the PNG grid in images (default: near-square).")
+]
 
 
 def ready_engine(request: Request) -> Engine:
@@ -188,13 +201,14 @@ async def encode(
     "/decode",
     tags=[MODEL_TAG],
     response_model=ImagesResponse,
-    responses=_IMAGE_RESPONSES,
+    responses=IMAGE_RESPONSES,
     summary="Decode latent vectors to images",
 )
 async def decode(
     request: Request,
     body: DecodeRequest,
     image_format: FormatQuery = "png",
+    columns: ColumnsQuery = None,
 ) -> Response:
     with serving(request) as (engine, settings):
         if len(body.latents) > settings.max_items_per_request:
@@ -202,24 +216,32 @@ async def decode(
                 "the number of latent vectors", len(body.latents), settings.max_items_per_request
             )
         latents = latents_array(body.latents, engine.manifest.latent_dim)
-        return versioned(await image_response(request, await engine.decode(latents), image_format), engine)
+        images = await engine.decode(latents)
+        return versioned(await image_response(request, images, image_format, columns), engine)
 
 
 @query_router.get(
     "/sample",
     tags=[MODEL_TAG],
     response_model=ImagesResponse,
-    responses=_IMAGE_RESPONSES,
-    summary="Generate images from the prior",
-    description="Decodes n latents drawn from N(0, temperature^2 I) as numpy.random.default_rng(seed)"
-    ".standard_normal((n, latent_dim)) * temperature; the same seed gives the same images.",
+    responses=IMAGE_RESPONSES,
+    summary="Generate images from a prior, or from one label's density",
+    description="Decodes n latents drawn with numpy.random.default_rng(seed): `prior=standard` is N(0, I) "
+    "(rng.standard_normal((n, latent_dim)) * temperature); `prior=gmm` is the Gaussian mixture fitted to the "
+    "training split's codes (components drawn by weight, then mean + temperature * chol(cov) @ eps); `label` "
+    "samples that label's own mixture the same way. Without `prior` or `label`, the model's best prior is "
+    "used (the mixture when it ships one; GET /model lists them), and the response says which. Temperature "
+    "scales each density's spread around its means; the same seed gives the same images.",
 )
 async def sample(
     request: Request,
     n: Annotated[int, Query(ge=1, description="Number of images.")] = 16,
     seed: SeedQuery = None,
     temperature: Annotated[float, Query(ge=0, description="Scale of the prior's standard deviation.")] = 1.0,
+    prior: Annotated[Prior | None, Query(description="standard or gmm (default: the model's best).")] = None,
+    label: Annotated[str | None, Query(description="Sample this label's density (see GET /model).")] = None,
     image_format: FormatQuery = "png",
+    columns: ColumnsQuery = None,
 ) -> Response:
     with serving(request) as (engine, settings):
         if n > settings.max_sample_n:
@@ -229,8 +251,19 @@ async def sample(
         if temperature > settings.max_temperature:
             raise LimitExceeded("temperature", temperature, settings.max_temperature)
         seed = pick_seed() if seed is None else seed
-        images = await engine.decode(sample_latents(n, engine.manifest.latent_dim, seed, temperature))
-        response = await image_response(request, images, image_format, seed=seed, temperature=temperature)
+        latents, used = draw_latents(
+            engine.latent_space, engine.manifest.latent_dim, n, seed, temperature, prior, label
+        )
+        response = await image_response(
+            request,
+            await engine.decode(latents),
+            image_format,
+            columns,
+            seed=seed,
+            temperature=temperature,
+            prior=used,
+            label=label,
+        )
         return versioned(response, engine)
 
 
@@ -238,7 +271,7 @@ async def sample(
     "/reconstruct",
     tags=[MODEL_TAG],
     response_model=ImagesResponse,
-    responses=_IMAGE_RESPONSES,
+    responses=IMAGE_RESPONSES,
     openapi_extra=_IMAGE_UPLOAD_BODY,
     summary="Encode and decode images",
     description="Takes the same uploads as /encode and decodes each image's mean, or with `sample=true` a z "
@@ -249,6 +282,7 @@ async def reconstruct(
     sample: Annotated[bool, Query(description="Decode a sampled z instead of the mean.")] = False,
     seed: SeedQuery = None,
     image_format: FormatQuery = "png",
+    columns: ColumnsQuery = None,
 ) -> Response:
     with serving(request) as (engine, settings):
         mean, log_var = await _encode_uploads(request, engine, settings)
@@ -257,7 +291,7 @@ async def reconstruct(
             seed = pick_seed() if seed is None else seed
             latents = reparameterize(mean, log_var, seed)
         response = await image_response(
-            request, await engine.decode(latents), image_format, seed=seed if sample else None
+            request, await engine.decode(latents), image_format, columns, seed=seed if sample else None
         )
         return versioned(response, engine)
 
@@ -266,14 +300,16 @@ async def reconstruct(
     "/interpolate",
     tags=[MODEL_TAG],
     response_model=ImagesResponse,
-    responses=_IMAGE_RESPONSES,
+    responses=IMAGE_RESPONSES,
     openapi_extra=_INTERPOLATE_BODY,
     summary="Interpolate between two latent vectors or images",
     description="`start` and `end` are latent vectors or images (base64 in JSON, or multipart files); images "
     "are encoded to their mean first. Returns `steps` frames, both endpoints included, and their latents. "
     + _CONVERSION_NOTE,
 )
-async def interpolate_route(request: Request, image_format: FormatQuery = "png") -> Response:
+async def interpolate_route(
+    request: Request, image_format: FormatQuery = "png", columns: ColumnsQuery = None
+) -> Response:
     with serving(request) as (engine, settings):
         start, end, options = await read_interpolation(request)
         if options.steps > settings.max_interpolation_steps:
@@ -291,7 +327,7 @@ async def interpolate_route(request: Request, image_format: FormatQuery = "png")
             endpoints.update(zip(uploads, mean, strict=True))
         frames = interpolate(endpoints["start"], endpoints["end"], options.steps, options.method)
         response = await image_response(
-            request, await engine.decode(frames), image_format, latents=frames, method=options.method
+            request, await engine.decode(frames), image_format, columns, latents=frames, method=options.method
         )
         return versioned(response, engine)
 
@@ -330,9 +366,49 @@ async def model_info(request: Request, response: Response) -> dict[str, Any]:
                     "max_sample_n",
                     "max_interpolation_steps",
                     "max_temperature",
+                    "max_frames_per_request",
+                    "max_traverse_span",
+                    "max_edit_amount",
                 }
             ),
+            "latent_space": describe_latent_space(engine.latent_space, engine.manifest.latent_dim),
         }
+
+
+def describe_latent_space(space: LatentSpace | None, latent_dim: int) -> dict[str, Any]:
+    """What GET /model says about the latent space: priors, labels, attributes, per-dimension diagnostics."""
+    summary: dict[str, Any] = {"priors": available_priors(space), "default_prior": available_priors(space)[0]}
+    if space is None:
+        summary["note"] = (
+            "this model ships no latent-space description (latent_space.npz): only the standard prior; "
+            "no labels, attributes or diagnostics; /traverse spans are in prior standard deviations"
+        )
+        return summary
+    summary["labels"] = list(space.labels)
+    summary["attributes"] = [
+        {
+            "name": attribute.name,
+            "description": attribute.description,
+            "std": attribute.std,
+            "effect_per_unit": attribute.effect_per_unit,
+            "monotonic_fraction": attribute.monotonic_fraction,
+        }
+        for attribute in space.attributes
+    ]
+    summary["active_dims"] = space.active_dims
+    summary["dimensions"] = [
+        {
+            "dim": dim,
+            "aggregate_mean": float(space.aggregate_mean[dim]),
+            "aggregate_std": float(space.aggregate_std[dim]),
+            "test_kl": float(space.test_kl_per_dim[dim]),
+            "test_mean_variance": float(space.test_mean_variance[dim]),
+            "active": dim in space.active_dims,
+        }
+        for dim in range(latent_dim)
+    ]
+    summary["fitting"] = space.info
+    return summary
 
 
 @router.get("/metrics", tags=[OPS_TAG], summary="Prometheus metrics of this process", response_class=Response)

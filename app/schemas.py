@@ -47,6 +47,14 @@ class DecodeRequest(BaseModel):
     latents: list[list[float]] = Field(min_length=1, description="Latent vectors, shape (N, latent_dim).")
 
 
+class LatentRequest(BaseModel):
+    """One latent vector to traverse or edit (exactly latent_dim long)."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"latent": _LATENT_EXAMPLE}]})
+
+    latent: list[float] = Field(description="A latent vector, shape (latent_dim,).")
+
+
 class InterpolateOptions(BaseModel):
     steps: int = Field(default=8, ge=2, description="Number of frames, both endpoints included.")
     method: InterpolationMethod = Field(
@@ -135,6 +143,32 @@ class ImagesResponse(BaseModel):
     )
     method: InterpolationMethod | None = Field(
         default=None, description="Interpolation method (interpolate only)."
+    )
+    prior: str | None = Field(
+        default=None,
+        description="The prior the latents were drawn from (sample only): standard, gmm, or label.",
+    )
+    label: str | None = Field(default=None, description="The label whose density was sampled (sample only).")
+
+
+class FramesResponse(ImagesResponse):
+    """The frames of a traversal or an edit, with the latent vector of each frame."""
+
+    latents: list[list[float]] | None = Field(default=None, description="Each frame's latent vector.")
+    dims: list[int] | None = Field(
+        default=None, description="The dimension each row moves (traverse; `steps` frames per row)."
+    )
+    span: float | None = Field(default=None, description="Half-width in aggregate-posterior stds (traverse).")
+    steps: int | None = Field(default=None, description="Frames per row (traverse).")
+    amounts: list[float] | None = Field(default=None, description="The amount of each frame (edit).")
+    attribute: str | None = Field(default=None, description="The attribute edited (edit).")
+    to_label: str | None = Field(default=None, description="The target label (edit).")
+    from_label: str | None = Field(default=None, description="The input's label (edit).")
+    from_label_inferred: bool | None = Field(
+        default=None, description="True when from_label was inferred from the class-conditional densities."
+    )
+    from_label_probability: float | None = Field(
+        default=None, description="The inferred from_label's probability under those densities."
     )
 
 

@@ -35,6 +35,58 @@ def mnist_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _export(tmp_path_factory.mktemp("mnist-model"), MNIST_LIKE, "mnist-test")
 
 
+def _export_with_latent_space(out_dir: Path, config: dict[str, Any], name: str, seed: int = 0) -> Path:
+    """An untrained model whose latent space is described from 600 real MNIST digits (labels 0..9)."""
+    import torch
+
+    from model.export import export_model
+    from model.manifest import TrainingData
+    from model.vae import VAE, VaeConfig
+    from training.cli import numpy_functions
+    from training.data import DataSplits, Split, load_mnist
+    from training.latent_space import fit_latent_space
+
+    torch.set_num_threads(1)
+    torch.manual_seed(seed)
+    vae = VAE(VaeConfig(**config)).eval()
+    digits = load_mnist()
+    picked = np.concatenate([np.flatnonzero(digits.labels == label)[:60] for label in range(10)])
+    order = np.random.default_rng(seed).permutation(picked)
+
+    def split(index: np.ndarray) -> Split:
+        assert digits.labels is not None
+        return Split(digits.images[index], digits.labels[index])
+
+    splits = DataSplits(
+        "mnist-600", split(order[:400]), split(order[400:500]), split(order[500:]), 0, digits.label_names
+    )
+    encode, decode = numpy_functions(vae)
+    export_model(
+        vae,
+        out_dir,
+        name=name,
+        version="1",
+        likelihood="bernoulli",
+        training_data=TrainingData(name="mnist-600", train_size=400, validation_size=100, test_size=100),
+        test_metrics={},
+        latent_space=fit_latent_space(encode, decode, splits, seed=seed),
+    )
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def latent_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 1x28x28, 16-latent untrained model with a latent-space description: mixture prior, ten labels,
+    grayscale attributes."""
+    return _export_with_latent_space(tmp_path_factory.mktemp("latent-model"), MNIST_LIKE, "latent-test")
+
+
+@pytest.fixture(scope="session")
+def latent_client(latent_model_dir: Path) -> Iterator[TestClient]:
+    with TestClient(create_app(settings_for(latent_model_dir)), raise_server_exceptions=False) as test_client:
+        yield test_client
+
+
 @pytest.fixture(scope="session")
 def mnist_model_v2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Version 2 of the mnist-test model: same shapes, other weights (seed 1), for reload tests."""

@@ -22,6 +22,8 @@ MODEL_REQUESTS = [
     ("POST", "/encode", {"content": b"", "headers": {"Content-Type": "image/png"}}),
     ("POST", "/reconstruct", {"content": b"", "headers": {"Content-Type": "image/png"}}),
     ("POST", "/interpolate", {"json": {"start": [0.0] * 16, "end": [1.0] * 16, "steps": 2}}),
+    ("POST", "/traverse?dims=0&steps=2", {"json": {"latent": [0.0] * 16}}),
+    ("POST", "/edit?attribute=ink", {"json": {"latent": [0.0] * 16}}),
 ]
 OPS_PATHS = ["/healthz", "/readyz", "/metrics", "/docs", "/openapi.json"]
 

@@ -1,7 +1,7 @@
 """Schemathesis against the service's own OpenAPI schema: no 5xx, every response one the schema documents.
 
-The app under test serves the small 1x28x28 model with tight limits, so generated requests stay cheap on a
-shared machine. The bugs it found are pinned below as regression tests.
+The app under test serves the small 1x28x28 model with a latent-space description (so /edit and labels
+are fuzzed for real) and tight limits, so generated requests stay cheap on a shared machine. The bugs it found are pinned below as regression tests.
 """
 
 from __future__ import annotations
@@ -28,12 +28,13 @@ EXAMPLES_PER_OPERATION = 30
 
 
 @pytest.fixture(scope="module")
-def api_schema(mnist_model_dir: Path, make_settings: Callable[..., Settings]) -> schemathesis.BaseSchema:
+def api_schema(latent_model_dir: Path, make_settings: Callable[..., Settings]) -> schemathesis.BaseSchema:
     """The schema of a fresh app; schemathesis enters its lifespan (model loaded) once and keeps it."""
     app = create_app(
         make_settings(
-            mnist_model_dir,
+            latent_model_dir,
             max_items_per_request=8,
+            max_frames_per_request=32,
             max_sample_n=8,
             max_interpolation_steps=8,
             max_image_pixels=256 * 256,

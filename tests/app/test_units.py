@@ -67,9 +67,27 @@ def test_grid_is_near_square(count: int, expected: tuple[int, int]) -> None:
     assert grid_shape(count) == expected
 
 
-def test_grid_of_one_rgb_image_is_padded() -> None:
-    grid = Image.open(io.BytesIO(encode_png_grid(np.ones((1, 3, 4, 4), np.float32))))
-    assert grid.mode == "RGB" and grid.size == (8, 8)
+@pytest.mark.parametrize(
+    ("count", "columns", "expected"), [(6, 3, (2, 3)), (6, 1, (6, 1)), (6, 10, (1, 6)), (7, 2, (4, 2))]
+)
+def test_grid_columns_set_its_width(count: int, columns: int, expected: tuple[int, int]) -> None:
+    assert grid_shape(count, columns) == expected
+
+
+def test_one_image_is_its_own_png_without_padding() -> None:
+    image = np.random.default_rng(0).random((1, 3, 4, 4)).astype(np.float32)
+    picture = Image.open(io.BytesIO(encode_png_grid(image)))
+    assert picture.mode == "RGB" and picture.size == (4, 4)
+    np.testing.assert_array_equal(np.asarray(picture), to_uint8(image)[0])
+
+
+def test_grid_with_columns_lays_tiles_row_by_row() -> None:
+    tiles = np.stack([np.full((1, 2, 2), k / 5, np.float32) for k in range(6)])
+    grid = np.asarray(Image.open(io.BytesIO(encode_png_grid(tiles, columns=3, padding=1))))
+    assert grid.shape == (1 + 2 * 3, 1 + 3 * 3)
+    for k in range(6):
+        row, column = divmod(k, 3)
+        assert grid[1 + 3 * row, 1 + 3 * column] == round(k / 5 * 255)
 
 
 @pytest.mark.parametrize(
