@@ -29,7 +29,8 @@ def api_curl_commands() -> list[str]:
 
 def test_readme_has_an_example_for_every_endpoint() -> None:
     commands = " ".join(api_curl_commands())
-    for path in ("/encode", "/decode", "/sample", "/reconstruct", "/interpolate", "/healthz", "/readyz"):
+    endpoints = ("/encode", "/decode", "/sample", "/reconstruct", "/interpolate", "/traverse", "/edit")
+    for path in (*endpoints, "/healthz", "/readyz"):
         assert f"localhost:8000{path}" in commands, path
     for path in ("/model", "/metrics"):
         assert f"localhost:8000{path}" in commands, path
