@@ -148,12 +148,15 @@ def _inference_work(
         return encode_batch, max_batch_size
 
     decoder = ort.InferenceSession(str(paths["decoder"]), options, providers=["CPUExecutionProvider"])
-    count = {"sample-json": 16, "sample-png": 16, "interpolate": 8, "decode": 64}[scenario_name]
+    traverse_frames = 7 * min(8, manifest.latent_dim)
+    count = {"sample-json": 16, "sample-png": 16, "sample-gmm": 16, "interpolate": 8, "decode": 64}.get(
+        scenario_name, traverse_frames
+    )
     latents = rng.standard_normal((count, manifest.latent_dim)).astype(np.float32)
 
     def decode_and_encode_pngs() -> None:
         images = decoder.run([names.decoder_output], {names.decoder_input: latents})[0]
-        if scenario_name == "sample-png":
+        if scenario_name in ("sample-png", "traverse"):
             encode_png_grid(images)
         else:
             encode_pngs(images)

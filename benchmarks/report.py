@@ -118,7 +118,7 @@ def evaluate_targets(
     targets.append(
         _check("encode: service p99", encode.median("p99_ms") if encode else None, 50, False, " ms")
     )
-    for scenario in ("sample-json", "sample-png"):
+    for scenario in ("sample-json", "sample-png", "sample-gmm", "traverse"):
         targets.append(
             _check(
                 f"{scenario}: service / inference ceiling (images/s)",

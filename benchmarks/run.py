@@ -143,7 +143,7 @@ def measure(
     cells: dict[tuple[str, str, int], Cell] = {}
     for name in args.scenarios:
         for server in (*servers, INFERENCE_CEILING):
-            if server != HTTP_CEILING or name == "encode":
+            if (server != HTTP_CEILING or name == "encode") and (server != NAIVE or scenarios[name].naive):
                 cells[(name, server, args.concurrency)] = Cell(name, server, args.concurrency)
     if "encode" in args.scenarios and args.concurrency != 1:
         for server in (SERVICE, BATCHING_OFF):
@@ -225,7 +225,10 @@ def start_servers(
         *("-m", "benchmarks.baselines", "naive", *server_flags),
         *("--port", str(port), "--model-dir", str(model_dir)),
     )
-    preflight(start(ServerProcess(NAIVE, naive_command, port, log_dir=args.log_dir)), scenarios)
+    preflight(
+        start(ServerProcess(NAIVE, naive_command, port, log_dir=args.log_dir)),
+        [scenario for scenario in scenarios if scenario.naive],
+    )
     if "encode" in args.scenarios:
         encode_response = workdir / "encode-response.json"
         encode_response.write_bytes(bodies["encode"])

@@ -30,6 +30,7 @@ class Scenario:
     description: str
     request: HttpRequest
     images_per_request: int
+    naive: bool = True  # whether the naive baseline implements it (it has no latent-space features)
 
 
 def digit_png(height: int = 28, width: int = 28) -> bytes:
@@ -64,7 +65,8 @@ def _json_request(path: str, payload: object) -> HttpRequest:
 def build_scenarios(
     latent_dim: int = 16, image_height: int = 28, image_width: int = 28
 ) -> dict[str, Scenario]:
-    """Every scenario of issue 5, keyed by name, in the order the suite runs them."""
+    """Every scenario (issue 5; sample-gmm and traverse from issue 12), keyed by name, in the order the
+    suite runs them."""
     rng = np.random.default_rng(0)
     png = digit_png(image_height, image_width)
     start, end = (rng.standard_normal(latent_dim).round(4).tolist() for _ in range(2))
@@ -86,15 +88,34 @@ def build_scenarios(
         ),
         Scenario(
             name="sample-json",
-            description="GET /sample?n=16, Accept: application/json",
-            request=HttpRequest("GET", "/sample?n=16", {"Accept": "application/json"}),
+            description="GET /sample?n=16&prior=standard, Accept: application/json",
+            request=HttpRequest("GET", "/sample?n=16&prior=standard", {"Accept": "application/json"}),
             images_per_request=16,
         ),
         Scenario(
             name="sample-png",
-            description="GET /sample?n=16, Accept: image/png (one grid image)",
-            request=HttpRequest("GET", "/sample?n=16", {"Accept": "image/png"}),
+            description="GET /sample?n=16&prior=standard, Accept: image/png (one grid image)",
+            request=HttpRequest("GET", "/sample?n=16&prior=standard", {"Accept": "image/png"}),
             images_per_request=16,
+        ),
+        Scenario(
+            name="sample-gmm",
+            description="GET /sample?n=16&prior=gmm (the fitted mixture), Accept: application/json",
+            request=HttpRequest("GET", "/sample?n=16&prior=gmm", {"Accept": "application/json"}),
+            images_per_request=16,
+            naive=False,
+        ),
+        Scenario(
+            name="traverse",
+            description=f"POST /traverse, a {latent_dim}-float latent, dims 0-7, 7 steps, Accept: image/png",
+            request=HttpRequest(
+                "POST",
+                f"/traverse?dims={','.join(map(str, range(min(8, latent_dim))))}&steps=7",
+                {"Content-Type": "application/json", "Accept": "image/png"},
+                json.dumps({"latent": start}).encode(),
+            ),
+            images_per_request=7 * min(8, latent_dim),
+            naive=False,
         ),
         Scenario(
             name="interpolate",
