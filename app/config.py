@@ -20,7 +20,8 @@ class Settings(BaseSettings):
     model_dir: Path | None = Field(
         default=None,
         description=(
-            "The service serves the model in this directory (encoder.onnx, decoder.onnx and manifest.json); "
+            "The service serves the model in this directory (encoder.onnx, decoder.onnx, manifest.json and, "
+            "when the manifest names it, latent_space.npz); "
             "when it is unset, the shipped default model in model/default is served."
         ),
     )
@@ -204,7 +205,12 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _queue_holds_a_request(self) -> Settings:
-        largest_request = max(self.max_items_per_request, self.max_sample_n, self.max_interpolation_steps)
+        largest_request = max(
+            self.max_items_per_request,
+            self.max_sample_n,
+            self.max_interpolation_steps,
+            self.max_frames_per_request,
+        )
         if self.max_queue_items < largest_request:
             raise ValueError(
                 f"max_queue_items ({self.max_queue_items}) must be at least the largest request "

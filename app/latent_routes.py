@@ -71,16 +71,18 @@ def _number_list(text: str, what: str, *, integers: bool = False) -> list[float]
         except ValueError:
             kind = "integers" if integers else "numbers"
             raise InvalidRequest(f"{what} is a comma-separated list of {kind}; got {text!r}") from None
-        if not math.isfinite(value):
+        if not integers and not math.isfinite(value):
             raise NonFiniteValues(f"{what} contains {part.strip()}; send finite numbers")
         values.append(value)
     return values
 
 
-def _traverse_dims(dims: str | None, space: LatentSpace | None, latent_dim: int) -> list[int]:
+def _traverse_dims(dims: str | None, space: LatentSpace | None, latent_dim: int, max_rows: int) -> list[int]:
+    """The requested dims, or by default the active ones (highest KL first; all without a description),
+    as many as fit in max_rows."""
     if dims is None:
         active = space.active_dims if space is not None else []
-        return active or list(range(latent_dim))
+        return (active or list(range(latent_dim)))[: max(1, max_rows)]
     chosen = [int(d) for d in _number_list(dims, "dims", integers=True)]
     for dim in chosen:
         if not 0 <= dim < latent_dim:
@@ -100,7 +102,8 @@ def _traverse_dims(dims: str | None, space: LatentSpace | None, latent_dim: int)
     description="For each dimension in `dims`, `steps` frames move that one dimension from -span to +span "
     "aggregate-posterior standard deviations around the code (models without a latent-space description: "
     "prior standard deviations, 1), all other dimensions fixed. `dims` defaults to the active dimensions, "
-    "highest KL first. `Accept: image/png` gives one grid with a row per dimension.",
+    "highest KL first (as many as fit in the frame limit). `Accept: image/png` gives one grid with a row per "
+    "dimension.",
 )
 async def traverse(
     request: Request,
@@ -117,7 +120,9 @@ async def traverse(
         if span > settings.max_traverse_span:
             raise LimitExceeded("span", span, settings.max_traverse_span)
         space = engine.latent_space
-        chosen = _traverse_dims(dims, space, engine.manifest.latent_dim)
+        chosen = _traverse_dims(
+            dims, space, engine.manifest.latent_dim, settings.max_frames_per_request // steps
+        )
         if len(chosen) * steps > settings.max_frames_per_request:
             raise LimitExceeded(
                 f"the number of frames ({len(chosen)} dims x {steps} steps)",

@@ -395,7 +395,8 @@ def describe_latent_space(space: LatentSpace | None, latent_dim: int) -> dict[st
         }
         for attribute in space.attributes
     ]
-    summary["active_dims"] = space.active_dims
+    active = space.active_dims
+    summary["active_dims"] = active
     summary["dimensions"] = [
         {
             "dim": dim,
@@ -403,7 +404,7 @@ def describe_latent_space(space: LatentSpace | None, latent_dim: int) -> dict[st
             "aggregate_std": float(space.aggregate_std[dim]),
             "test_kl": float(space.test_kl_per_dim[dim]),
             "test_mean_variance": float(space.test_mean_variance[dim]),
-            "active": dim in space.active_dims,
+            "active": dim in active,
         }
         for dim in range(latent_dim)
     ]

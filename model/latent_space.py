@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,12 +46,18 @@ class GaussianMixture:
     _log_normalizers: np.ndarray = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        if self.means.ndim != 2 or len(self.means) < 1:
+            raise LatentSpaceError(f"mixture means must be (K >= 1, D), got shape {self.means.shape}")
         components, dim = self.means.shape
         if self.weights.shape != (components,) or self.covariances.shape != (components, dim, dim):
             raise LatentSpaceError(
                 f"mixture arrays do not fit: weights {self.weights.shape}, means {self.means.shape}, "
                 f"covariances {self.covariances.shape}"
             )
+        if not all(np.isfinite(array).all() for array in (self.weights, self.means, self.covariances)):
+            raise LatentSpaceError("a mixture holds NaN or infinite values")
+        if (self.weights < 0).any() or abs(float(self.weights.sum()) - 1.0) > 1e-6:
+            raise LatentSpaceError(f"mixture weights must be >= 0 and sum to 1, got sum {self.weights.sum()}")
         try:
             cholesky = np.linalg.cholesky(self.covariances)
         except np.linalg.LinAlgError as error:
@@ -69,7 +76,11 @@ class GaussianMixture:
         """(count, D): component c = rng.choice(K, p=weights), then z = mean_c + T * chol(cov_c) @ eps."""
         chosen = rng.choice(self.components, size=count, p=self.weights)
         eps = rng.standard_normal((count, self.means.shape[1]))
-        return self.means[chosen] + temperature * np.einsum("nij,nj->ni", self._cholesky[chosen], eps)
+        latents = self.means[chosen]
+        for component in np.unique(chosen):  # one matrix product per component: no (count, D, D) copy
+            rows = chosen == component
+            latents[rows] += temperature * eps[rows] @ self._cholesky[component].T
+        return latents
 
     def component_log_densities(self, latents: np.ndarray) -> np.ndarray:
         """(N, D) -> (N, K): log(weight_k) + log N(z; mean_k, cov_k)."""
@@ -239,7 +250,7 @@ def load_latent_space(path: Path, latent_dim: int) -> LatentSpace:
     try:
         with np.load(path, allow_pickle=False) as archive:
             arrays = {name: archive[name] for name in archive.files}
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as error:
         raise LatentSpaceError(f"cannot read {path.name} as .npz: {error}") from None
     try:
         labels = tuple(str(label) for label in arrays["labels"])
@@ -272,6 +283,8 @@ def load_latent_space(path: Path, latent_dim: int) -> LatentSpace:
         )
     except KeyError as error:
         raise LatentSpaceError(f"{path.name} lacks the array {error}") from None
+    except (ValueError, IndexError, TypeError, zipfile.BadZipFile, EOFError) as error:
+        raise LatentSpaceError(f"{path.name} holds arrays that do not fit together: {error}") from None
     _check_dims(space, latent_dim, path.name)
     return space
 
@@ -287,6 +300,7 @@ def _check_dims(space: LatentSpace, latent_dim: int, name: str) -> None:
     }
     mixtures = [m for m in (space.prior, *space.class_densities) if m is not None]
     wrong = [key for key, vector in vectors.items() if vector.shape != (latent_dim,)]
+    wrong += [f"{key} (not finite)" for key, vector in vectors.items() if not np.isfinite(vector).all()]
     wrong += ["a mixture" for mixture in mixtures if mixture.means.shape[1] != latent_dim]
     if space.labels and space.class_centroids.shape != (len(space.labels), latent_dim):
         wrong.append("class_centroids")

@@ -1,7 +1,8 @@
 """Schemathesis against the service's own OpenAPI schema: no 5xx, every response one the schema documents.
 
 The app under test serves the small 1x28x28 model with a latent-space description (so /edit and labels
-are fuzzed for real) and tight limits, so generated requests stay cheap on a shared machine. The bugs it found are pinned below as regression tests.
+are fuzzed for real) and tight limits, so generated requests stay cheap on a shared machine. The bugs it
+found are pinned below as regression tests.
 """
 
 from __future__ import annotations

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import base64
 import io
+import json
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +15,8 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from app.config import Settings
+from app.main import create_app
 from model.latent_space import (
     LATENT_SPACE_FILENAME,
     LatentSpace,
@@ -19,6 +24,7 @@ from model.latent_space import (
     sample_standard,
     traversal,
 )
+from model.manifest import sha256_of
 from tests.app.conftest import DirectModel
 
 LATENT_DIM = 16
@@ -76,14 +82,13 @@ def test_standard_prior_is_n01_scaled_by_temperature(
 
 
 def test_mixture_temperature_zero_gives_component_means(
-    latent_client: TestClient, space: LatentSpace
+    latent_client: TestClient, space: LatentSpace, direct: DirectModel
 ) -> None:
+    assert space.prior is not None
     response = latent_client.get("/sample?n=4&seed=2&prior=gmm&temperature=0&format=array")
     chosen = np.random.default_rng(2).choice(space.prior.components, size=4, p=space.prior.weights)
-    np.testing.assert_allclose(
-        space.prior.sample(np.random.default_rng(2), 4, 0.0), space.prior.means[chosen], atol=1e-12
-    )
-    assert response.status_code == 200
+    expected = direct.decode(space.prior.means[chosen].astype(np.float32))
+    np.testing.assert_allclose(images_of(response.json()), expected, atol=1e-6)
 
 
 def test_label_samples_that_labels_density(
@@ -160,12 +165,41 @@ def test_traverse_an_image_starts_from_its_mean_and_grids_a_row_per_dim(
     assert Image.open(io.BytesIO(grid.content)).size == (2 + 4 * 30, 2 + 3 * 30)
 
 
+def test_traverse_defaults_to_the_active_dims_highest_kl_first(
+    latent_model_dir: Path, tmp_path: Path, make_settings: Callable[..., Settings]
+) -> None:
+    """A description whose dims 9, 2 and 5 are active (KL 3 > 2 > 1): the default rows, in that order."""
+    model_dir = Path(shutil.copytree(latent_model_dir, tmp_path / "model"))
+    with np.load(model_dir / LATENT_SPACE_FILENAME) as archive:
+        arrays = {name: archive[name] for name in archive.files}
+    arrays["test_mean_variance"] = np.zeros(LATENT_DIM)
+    arrays["test_kl_per_dim"] = np.zeros(LATENT_DIM)
+    for dim, kl in ((2, 2.0), (5, 1.0), (9, 3.0)):
+        arrays["test_mean_variance"][dim], arrays["test_kl_per_dim"][dim] = 0.5, kl
+    np.savez(model_dir / LATENT_SPACE_FILENAME, **arrays)
+    manifest = json.loads((model_dir / "manifest.json").read_text())
+    manifest["files"]["latent_space"]["sha256"] = sha256_of(model_dir / LATENT_SPACE_FILENAME)
+    (model_dir / "manifest.json").write_text(json.dumps(manifest))
+    with TestClient(create_app(make_settings(model_dir)), raise_server_exceptions=False) as client:
+        body = client.post("/traverse", json={"latent": [0.0] * LATENT_DIM}).json()
+        assert body["dims"] == [9, 2, 5] and len(body["images"]) == 21
+        assert client.get("/model").json()["latent_space"]["active_dims"] == [9, 2, 5]
+    # Only as many rows as fit in the frame limit: two rows of 7 in 14 frames, the highest-KL dims.
+    with TestClient(
+        create_app(make_settings(model_dir, max_frames_per_request=14)), raise_server_exceptions=False
+    ) as client:
+        body = client.post("/traverse", json={"latent": [0.0] * LATENT_DIM}).json()
+        assert body["dims"] == [9, 2] and len(body["images"]) == 14
+
+
 def test_traverse_defaults_to_active_dims_or_all(
     latent_client: TestClient, client: TestClient, space: LatentSpace
 ) -> None:
+    # The untrained test model has no active dimension: the default is every dimension.
+    assert space.active_dims == []
     body = latent_client.post("/traverse", json={"latent": [0.0] * LATENT_DIM}).json()
-    assert body["dims"] == (space.active_dims or list(range(LATENT_DIM))) and body["span"] == 3.0
-    assert len(body["images"]) == 7 * len(body["dims"])
+    assert body["dims"] == list(range(LATENT_DIM)) and body["span"] == 3.0
+    assert len(body["images"]) == 7 * LATENT_DIM
     # Without a description: every dimension, in prior standard deviations.
     plain = client.post("/traverse?steps=3&span=1", json={"latent": [0.0] * LATENT_DIM}).json()
     assert plain["dims"] == list(range(LATENT_DIM))
@@ -178,6 +212,9 @@ def test_traverse_defaults_to_active_dims_or_all(
         ("dims=16", ("16", "0 to 15")),
         ("dims=1,1", ("twice",)),
         ("dims=a", ("comma-separated list of integers",)),
+        ("dims=", ("comma-separated list of integers",)),
+        ("dims=1" + "0" * 400, ("0 to 15",)),
+        ("dims=-1", ("-1", "0 to 15")),
         ("span=11", ("span is 11.0; the limit is 10.0",)),
         ("span=0", ("span",)),
         ("span=nan", ("span",)),
@@ -222,7 +259,8 @@ def test_edit_towards_a_label(latent_client: TestClient, space: LatentSpace) -> 
     latent = space.class_centroids[source].astype(np.float32)
     body = latent_client.post("/edit?to_label=7&amounts=0,1", json={"latent": latent.tolist()}).json()
     assert body["to_label"] == "7" and body["from_label_inferred"] is True
-    inferred = space.labels.index(body["from_label"])
+    inferred = int(space.classify(latent[None].astype(np.float64))[0].argmax())
+    assert body["from_label"] == space.labels[inferred]
     expected = latent + (space.class_centroids[target] - space.class_centroids[inferred])
     np.testing.assert_allclose(body["latents"][1], expected, rtol=1e-5, atol=1e-6)
     assert 0 < body["from_label_probability"] <= 1
@@ -254,6 +292,8 @@ def test_edit_png_is_one_row(latent_client: TestClient) -> None:
         ("attribute=ink&amounts=1,x", ("comma-separated list of numbers",)),
         ("attribute=ink&amounts=11", ("the limit is 10.0",)),
         ("attribute=ink&amounts=inf", ("finite",)),
+        ("attribute=ink&amounts=,", ("comma-separated list of numbers",)),
+        ("attribute=ink&amounts=1e400", ("finite",)),
     ],
 )
 def test_edit_errors_say_what_is_allowed(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -140,8 +139,8 @@ def test_file_round_trip(tmp_path: Path, with_labels: bool) -> None:
     np.testing.assert_array_equal(loaded.prior.covariances, original.prior.covariances)
     np.testing.assert_array_equal(loaded.projection_labels, original.projection_labels)
     assert len(loaded.class_densities) == len(original.class_densities)
-    with zipfile.ZipFile(tmp_path / "space.npz") as archive:  # plain arrays only: no pickles inside
-        assert all(name.endswith(".npy") for name in archive.namelist())
+    with np.load(tmp_path / "space.npz", allow_pickle=False) as archive:  # plain arrays: no pickles inside
+        assert all(archive[name].dtype != object for name in archive.files)
 
 
 def test_a_file_for_another_latent_size_is_refused(tmp_path: Path) -> None:
@@ -157,6 +156,35 @@ def test_unreadable_or_incomplete_files_are_refused(tmp_path: Path) -> None:
     np.savez(tmp_path / "partial.npz", aggregate_mean=np.zeros(DIM))
     with pytest.raises(LatentSpaceError, match="lacks the array"):
         load_latent_space(tmp_path / "partial.npz", DIM)
+
+
+@pytest.mark.parametrize(
+    ("weights", "means", "message"),
+    [
+        (np.array([0.5, 0.6]), np.zeros((2, 2)), "sum to 1"),
+        (np.array([1.5, -0.5]), np.zeros((2, 2)), ">= 0"),
+        (np.array([np.nan, 1.0]), np.zeros((2, 2)), "NaN or infinite"),
+        (np.ones(0), np.zeros((0, 2)), "K >= 1"),
+        (np.ones(1), np.zeros(2), "K >= 1"),
+    ],
+)
+def test_a_malformed_mixture_is_refused(weights: np.ndarray, means: np.ndarray, message: str) -> None:
+    covariances = np.broadcast_to(np.eye(2), (len(weights), 2, 2)).copy()
+    with pytest.raises(LatentSpaceError, match=message):
+        GaussianMixture(weights, means, covariances)
+
+
+def test_a_file_whose_arrays_clash_is_refused_not_crashed_on(tmp_path: Path) -> None:
+    save_latent_space(tmp_path / "space.npz", space())
+    with np.load(tmp_path / "space.npz") as archive:
+        arrays = {name: archive[name] for name in archive.files}
+    arrays["attribute_mean"] = np.zeros(0)  # fewer values than attributes
+    np.savez(tmp_path / "clash.npz", **arrays)
+    with pytest.raises(LatentSpaceError, match="do not fit together"):
+        load_latent_space(tmp_path / "clash.npz", DIM)
+    (tmp_path / "truncated.npz").write_bytes((tmp_path / "space.npz").read_bytes()[:500])
+    with pytest.raises(LatentSpaceError):
+        load_latent_space(tmp_path / "truncated.npz", DIM)
 
 
 def test_a_covariance_that_is_not_positive_definite_is_refused() -> None:
