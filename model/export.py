@@ -35,6 +35,7 @@ from model.manifest import (
     sha256_of,
     write_manifest,
 )
+from model.scores import SCORE_REFERENCE_FILENAME, ScoreReference
 from model.vae import VAE, VaeConfig
 
 ENCODER_FILENAME = "encoder.onnx"
@@ -168,9 +169,12 @@ def export_model(
     opset: int = 18,
     latent_space: LatentSpace | None = None,
     sample_quality: dict[str, Any] | None = None,
+    score_reference: ScoreReference | None = None,
+    anomaly_detection: dict[str, Any] | None = None,
+    observation_std: float | None = None,
 ) -> Manifest:
-    """Write encoder.onnx, decoder.onnx, manifest.json (and latent_space.npz when given) to out_dir after a
-    parity check; returns the manifest.
+    """Write encoder.onnx, decoder.onnx, manifest.json (and latent_space.npz, score_reference.npz when given)
+    to out_dir after a parity check; returns the manifest. observation_std: a gaussian likelihood's std.
 
     Everything is built and checked in a staging directory first; on any failure out_dir is left untouched.
     """
@@ -209,6 +213,12 @@ def export_model(
             latent_space_file = ModelFile(
                 path=LATENT_SPACE_FILENAME, sha256=sha256_of(staging / LATENT_SPACE_FILENAME)
             )
+        reference_file = None
+        if score_reference is not None:
+            score_reference.save(staging / SCORE_REFERENCE_FILENAME)
+            reference_file = ModelFile(
+                path=SCORE_REFERENCE_FILENAME, sha256=sha256_of(staging / SCORE_REFERENCE_FILENAME)
+            )
         manifest = Manifest(
             name=name,
             version=version,
@@ -218,6 +228,7 @@ def export_model(
             ),
             latent_dim=config.latent_dim,
             likelihood=likelihood,
+            observation_std=observation_std if likelihood == "gaussian" else None,
             tensors=tensors,
             training_data=training_data,
             test_metrics=test_metrics,
@@ -232,16 +243,23 @@ def export_model(
                 encoder=ModelFile(path=ENCODER_FILENAME, sha256=sha256_of(encoder_path)),
                 decoder=ModelFile(path=DECODER_FILENAME, sha256=sha256_of(decoder_path)),
                 latent_space=latent_space_file,
+                score_reference=reference_file,
             ),
             sample_quality=sample_quality,
+            anomaly_detection=anomaly_detection,
         )
         # Drop any previous manifest first, so a crash mid-move never leaves one naming the wrong files.
         (out_dir / MANIFEST_FILENAME).unlink(missing_ok=True)
         (out_dir / LATENT_SPACE_FILENAME).unlink(missing_ok=True)
+        (out_dir / SCORE_REFERENCE_FILENAME).unlink(missing_ok=True)
         os.replace(encoder_path, out_dir / ENCODER_FILENAME)
         os.replace(decoder_path, out_dir / DECODER_FILENAME)
-        if latent_space_file is not None:
-            os.replace(staging / LATENT_SPACE_FILENAME, out_dir / LATENT_SPACE_FILENAME)
+        for named, filename in (
+            (latent_space_file, LATENT_SPACE_FILENAME),
+            (reference_file, SCORE_REFERENCE_FILENAME),
+        ):
+            if named is not None:
+                os.replace(staging / filename, out_dir / filename)
         write_manifest(out_dir, manifest)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -81,6 +81,7 @@ class ModelFiles(_Strict):
     encoder: ModelFile
     decoder: ModelFile
     latent_space: ModelFile | None = None  # schema 2 on, when the exporter described the latent space
+    score_reference: ModelFile | None = None  # schema 2 on: test-split score quantiles (model/scores.py)
 
 
 class Manifest(_Strict):
@@ -93,6 +94,8 @@ class Manifest(_Strict):
     image: ImageSpec
     latent_dim: int = Field(ge=1)
     likelihood: Literal["bernoulli", "gaussian"]
+    # The fixed std of a gaussian likelihood's pixels (schema 2 on), so scores can be computed exactly.
+    observation_std: float | None = Field(default=None, gt=0)
     tensors: TensorNames = TensorNames()
     training_data: TrainingData
     # Metrics on the held-out test split, e.g. negative_elbo (nats/image), reconstruction_mse, active_units.
@@ -102,6 +105,8 @@ class Manifest(_Strict):
     files: ModelFiles
     # How good samples from each prior are, as the exporter measured them (training/sample_quality.py).
     sample_quality: dict[str, Any] | None = None
+    # The anomaly score's AUROC against synthetic out-of-distribution sets (training/anomaly.py).
+    anomaly_detection: dict[str, Any] | None = None
 
 
 def sha256_of(path: Path) -> str:
@@ -135,13 +140,15 @@ def read_manifest(model_dir: Path) -> Manifest:
 
 def verify_files(model_dir: Path, manifest: Manifest) -> dict[str, Path]:
     """Check each file exists and matches its sha256; returns {"encoder": path, "decoder": path} and
-    "latent_space" when the manifest names one.
+    "latent_space" and "score_reference" when the manifest names them.
     """
     paths: dict[str, Path] = {}
     files = manifest.files
     entries = [("encoder", files.encoder), ("decoder", files.decoder)]
     if files.latent_space is not None:
         entries.append(("latent_space", files.latent_space))
+    if files.score_reference is not None:
+        entries.append(("score_reference", files.score_reference))
     for part, entry in entries:
         path = model_dir / entry.path
         if not path.is_file():
