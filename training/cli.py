@@ -21,7 +21,9 @@ import torch
 from model.export import export_model
 from model.latent_space import LatentSpace
 from model.manifest import Manifest, TrainingData
+from model.scores import ScoreReference, calibrated_reference
 from model.vae import VAE
+from training.anomaly import REFERENCE_SAMPLES, LogitsFunction, anomaly_report, score_split, synthetic_sets
 from training.config import ConfigError, TrainConfig, load_config, read_toml
 from training.data import DatasetError, DataSplits, load_dataset
 from training.evaluate import evaluate
@@ -117,6 +119,41 @@ def numpy_functions(vae: VAE) -> tuple[EncodeFunction, DecodeFunction]:
     return encode, decode
 
 
+def numpy_logits(vae: VAE) -> LogitsFunction:
+    """The decoder's logits as a numpy function (the exported graph's second output)."""
+
+    @torch.no_grad()
+    def decode_logits(latents: np.ndarray) -> np.ndarray:
+        return vae.decode(torch.from_numpy(latents)).numpy()
+
+    return decode_logits
+
+
+def calibrate_scores(
+    vae: VAE, config: TrainConfig, splits: DataSplits, space: LatentSpace | None
+) -> tuple[ScoreReference, dict[str, Any]]:
+    """The test split's score quantiles for POST /score, and the anomaly verdict's AUROC against synthetic
+    out-of-distribution sets (training/anomaly.py)."""
+    encode, _ = numpy_functions(vae.eval())
+    decode_logits = numpy_logits(vae)
+    options: dict[str, Any] = {
+        "likelihood": config.likelihood,
+        "observation_std": config.gaussian_std if config.likelihood == "gaussian" else None,
+        "prior": space.prior if space is not None else None,
+    }
+    test_scores = score_split(encode, decode_logits, splits.test.images, seed=config.seed, **options)
+    reference = calibrated_reference(test_scores, REFERENCE_SAMPLES)
+    synthetic = {
+        name: score_split(encode, decode_logits, images, seed=config.seed + 1, **options)
+        for name, images in synthetic_sets(splits.test.images, config.seed).items()
+    }
+    report = anomaly_report(reference, test_scores, synthetic)
+    report["test_mean_scores"] = {name: float(values.mean()) for name, values in test_scores.items()}
+    aurocs = ", ".join(f"{name} {row['auroc']:.3f}" for name, row in report["synthetic_sets"].items())
+    print(f"anomaly score AUROC against synthetic sets: {aurocs}", file=sys.stderr)
+    return reference, report
+
+
 def describe_latent_space(
     vae: VAE, config: TrainConfig, splits: DataSplits
 ) -> tuple[LatentSpace | None, dict[str, Any] | None]:
@@ -200,6 +237,7 @@ def train_main(argv: list[str] | None = None) -> int:
     save_all_plots(vae, state.history, splits.test.images, splits.test.labels, run_dir)
 
     latent_space, quality = describe_latent_space(vae, config, splits)
+    reference, anomaly = calibrate_scores(vae, config, splits, latent_space)
     export_dir = arguments.export_dir or run_dir / "model"
     manifest = export_model(
         vae,
@@ -211,6 +249,9 @@ def train_main(argv: list[str] | None = None) -> int:
         test_metrics=test_metrics,
         latent_space=latent_space,
         sample_quality=quality,
+        score_reference=reference,
+        anomaly_detection=anomaly,
+        observation_std=config.gaussian_std,
     )
     _report(manifest, export_dir)
     return 0
@@ -241,6 +282,8 @@ def export_main(argv: list[str] | None = None) -> int:
     config = TrainConfig.from_dict(checkpoint["train_config"])
     vae = model_from_checkpoint(checkpoint)
     latent_space, quality = None, None
+    reference: ScoreReference | None = None
+    anomaly: dict[str, Any] | None = None
     try:
         splits = load_dataset(config)
         if splits.sizes() != checkpoint["dataset"]:
@@ -248,6 +291,7 @@ def export_main(argv: list[str] | None = None) -> int:
         test_metrics = _evaluate_test_split(vae, config, splits)
         print("re-evaluated on the test split", file=sys.stderr)
         latent_space, quality = describe_latent_space(vae, config, splits)
+        reference, anomaly = calibrate_scores(vae, config, splits, latent_space)
     except DatasetError as error:
         if "test_metrics" not in checkpoint:
             parser.error(f"cannot re-evaluate ({error}) and the checkpoint stores no test metrics")
@@ -263,6 +307,9 @@ def export_main(argv: list[str] | None = None) -> int:
         test_metrics=test_metrics,
         latent_space=latent_space,
         sample_quality=quality,
+        score_reference=reference,
+        anomaly_detection=anomaly,
+        observation_std=config.gaussian_std,
     )
     _report(manifest, arguments.out_dir)
     return 0
