@@ -137,12 +137,34 @@ class Settings(BaseSettings):
             "GET /sample accepts temperatures up to this value; larger values are rejected with 422."
         ),
     )
+    max_score_samples: int = Field(
+        default=256,
+        ge=1,
+        description="POST /score accepts k (posterior samples per image) up to this value; more get 422.",
+    )
+    max_score_decodes: int = Field(
+        default=4096,
+        ge=2,
+        description=(
+            "POST /score decodes (k + 1) x N latents for N images (k draws and the mean each); requests "
+            "needing more (or more than VAE_MAX_QUEUE_ITEMS) are rejected with 422."
+        ),
+    )
+    anomaly_alpha: float = Field(
+        default=0.01,
+        gt=0,
+        lt=1,
+        description=(
+            "POST /score calls an image anomalous when its negative ELBO lies outside the central "
+            "1 - alpha of the test split's, unless the request gives its own alpha."
+        ),
+    )
     max_frames_per_request: int = Field(
         default=256,
         ge=1,
         description=(
             "POST /traverse (dimensions times steps) and POST /edit (amounts) return at most this many "
-            "frames; more are rejected with 422."
+            "frames (and never more than VAE_MAX_QUEUE_ITEMS); more are rejected with 422."
         ),
     )
     max_traverse_span: float = Field(
@@ -203,13 +225,23 @@ class Settings(BaseSettings):
             return [origin.strip() for origin in value.split(",") if origin.strip()]
         return value
 
+    @property
+    def frame_limit(self) -> int:
+        """/traverse and /edit frames per request: the setting, or the queue's size if that is smaller
+        (a larger request could never be queued, and would get 503 forever)."""
+        return min(self.max_frames_per_request, self.max_queue_items)
+
+    @property
+    def score_decode_limit(self) -> int:
+        """/score decoder items per request, bounded by the queue's size the same way."""
+        return min(self.max_score_decodes, self.max_queue_items)
+
     @model_validator(mode="after")
     def _queue_holds_a_request(self) -> Settings:
         largest_request = max(
             self.max_items_per_request,
             self.max_sample_n,
             self.max_interpolation_steps,
-            self.max_frames_per_request,
         )
         if self.max_queue_items < largest_request:
             raise ValueError(

@@ -23,6 +23,7 @@ from app.errors import NonFiniteValues
 from app.metrics import Metrics
 from model.latent_space import LatentSpace, LatentSpaceError, load_latent_space
 from model.manifest import DEFAULT_MODEL_DIR, Manifest, load_model_dir
+from model.scores import ScoreReference
 
 logger = logging.getLogger(__name__)
 
@@ -111,12 +112,14 @@ class Engine:
         self._idle.set()
         names = manifest.tensors
         self._encoder_outputs = [names.encoder_mean, names.encoder_log_var]
+        # The images, and the logits when the graph has them (POST /score needs them for exact likelihoods;
+        # fetching them with every run costs one copy of the output, and saves a second batcher).
         self._decoder_outputs = [names.decoder_output]
-        # Every output the decoder graph must have; the service runs only the images unless told otherwise.
-        self._decoder_graph_outputs = [names.decoder_output]
         if names.decoder_logits is not None:
-            self._decoder_graph_outputs.append(names.decoder_logits)
+            self._decoder_outputs.append(names.decoder_logits)
+        self._decoder_graph_outputs = self._decoder_outputs
         self.latent_space: LatentSpace | None = None
+        self.score_reference: ScoreReference | None = None
 
     @property
     def provider(self) -> str:
@@ -166,6 +169,11 @@ class Engine:
         ) as session_opener:
             encoder, decoder = session_opener.submit(_open_sessions, paths, options, providers).result()
         engine = cls(manifest, encoder, decoder, model_dir)
+        if "score_reference" in paths:
+            try:
+                engine.score_reference = ScoreReference.load(paths["score_reference"])
+            except ValueError as error:
+                raise StartupError(f"the model's score reference is unusable: {error}") from error
         if "latent_space" in paths:
             try:
                 engine.latent_space = load_latent_space(paths["latent_space"], manifest.latent_dim)
@@ -224,7 +232,7 @@ class Engine:
             mean, log_var = self.run_encoder(
                 np.zeros((batch_size, channels, height, width), dtype=np.float32)
             )
-            (images,) = self.run_decoder(np.zeros((batch_size, latent_dim), dtype=np.float32))
+            images = self.run_decoder(np.zeros((batch_size, latent_dim), dtype=np.float32))[0]
         except Exception as error:  # onnxruntime's errors are untyped; any failure here means unservable
             raise StartupError(f"warm-up run of {batch_size} items failed: {error}") from error
         for what, array, shape in (
@@ -243,12 +251,12 @@ class Engine:
         )
         return mean, log_var
 
-    def run_decoder(self, latents: np.ndarray) -> tuple[np.ndarray]:
-        """(N, L) float32 -> ((N, C, H, W) float32 in [0, 1],). Blocking."""
-        (images,) = self.decoder_session.run(
-            self._decoder_outputs, {self.manifest.tensors.decoder_input: latents}
+    def run_decoder(self, latents: np.ndarray) -> tuple[np.ndarray, ...]:
+        """(N, L) float32 -> images (N, C, H, W) float32 in [0, 1], and their logits when the model has
+        them. Blocking."""
+        return tuple(
+            self.decoder_session.run(self._decoder_outputs, {self.manifest.tensors.decoder_input: latents})
         )
-        return (images,)
 
     def start(self, settings: Settings, metrics: Metrics) -> None:
         """Start one batcher per part on the running event loop."""
@@ -301,11 +309,18 @@ class Engine:
 
     async def decode(self, latents: np.ndarray) -> np.ndarray:
         """(N, L) float32 -> (N, C, H, W) float32 in [0, 1], batched with concurrent requests."""
+        images, _ = await self.decode_with_logits(latents)
+        return images
+
+    async def decode_with_logits(self, latents: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(N, L) float32 -> images (N, C, H, W) float32 in [0, 1] and their logits (None for models without
+        them), batched with concurrent requests."""
         assert self._decoder_batcher is not None, "Engine.start() was not called"
-        (images,) = await self._decoder_batcher.submit(latents)
+        outputs = await self._decoder_batcher.submit(latents)
+        images = outputs[0]
         if not np.isfinite(images).all():
             raise NonFiniteValues(
                 "the decoder produced non-finite pixels: the latent values are too large; "
                 "keep them within a few hundred"
             )
-        return images
+        return images, (outputs[1] if len(outputs) > 1 else None)

@@ -120,14 +120,12 @@ async def traverse(
         if span > settings.max_traverse_span:
             raise LimitExceeded("span", span, settings.max_traverse_span)
         space = engine.latent_space
-        chosen = _traverse_dims(
-            dims, space, engine.manifest.latent_dim, settings.max_frames_per_request // steps
-        )
-        if len(chosen) * steps > settings.max_frames_per_request:
+        chosen = _traverse_dims(dims, space, engine.manifest.latent_dim, settings.frame_limit // steps)
+        if len(chosen) * steps > settings.frame_limit:
             raise LimitExceeded(
                 f"the number of frames ({len(chosen)} dims x {steps} steps)",
                 len(chosen) * steps,
-                settings.max_frames_per_request,
+                settings.frame_limit,
             )
         latent = await _subject_latent(request, engine, settings)
         std = space.aggregate_std if space is not None else np.ones(engine.manifest.latent_dim)
@@ -221,8 +219,8 @@ async def edit_route(
             raise InvalidRequest("this model was trained without labels, so it has no labels to edit towards")
         default = DEFAULT_ATTRIBUTE_AMOUNTS if attribute is not None else DEFAULT_LABEL_AMOUNTS
         chosen = _number_list(amounts, "amounts") if amounts is not None else list(default)
-        if len(chosen) > settings.max_frames_per_request:
-            raise LimitExceeded("the number of amounts", len(chosen), settings.max_frames_per_request)
+        if len(chosen) > settings.frame_limit:
+            raise LimitExceeded("the number of amounts", len(chosen), settings.frame_limit)
         largest = max(abs(amount) for amount in chosen)
         if largest > settings.max_edit_amount:
             raise LimitExceeded("an amount's magnitude", largest, settings.max_edit_amount)

@@ -25,6 +25,7 @@ from app.metrics import Metrics
 from app.middleware import LoadShedder, MetricsMiddleware, RequestGuardMiddleware, RequestRecorder
 from app.reload import ModelReloader
 from app.routes import FIRST_QUEUE_BY_ROUTE, MODEL_VERSION_HEADER, query_router, router
+from app.score_routes import router as score_router
 
 DESCRIPTION = """\
 Encode, decode, sample, reconstruct and interpolate with a variational autoencoder on onnxruntime.
@@ -100,7 +101,7 @@ def create_app(
     app.state.metrics = metrics
     app.state.engine = None
     install_error_handlers(app)
-    for included in (query_router, latent_router, router, admin_router):
+    for included in (query_router, latent_router, score_router, router, admin_router):
         # Into the app's own route list: include_router would add a lookup to every request (3% of /encode).
         app.router.routes.extend(included.routes)
     routes = list(app.routes)

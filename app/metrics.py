@@ -16,6 +16,8 @@ RELOAD_RESULTS = ("success", "failure")
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 QUEUE_WAIT_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 INFERENCE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+# Nats per image: MNIST digits score about 100; blank images far less, noise thousands.
+NEGATIVE_ELBO_BUCKETS = (10, 25, 50, 75, 100, 125, 150, 200, 300, 500, 1000, 2000, 5000, 10000)
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,17 @@ class Metrics:
             "vae_model_reloads_total",
             "Model reloads (POST /admin/reload or SIGHUP), by result: success or failure.",
             ("result",),
+            registry=registry,
+        )
+        self.score_negative_elbo = Histogram(
+            "vae_score_negative_elbo",
+            "Negative ELBO (nats per image) of the images POST /score scored.",
+            buckets=NEGATIVE_ELBO_BUCKETS,
+            registry=registry,
+        )
+        self.anomalous_images = Counter(
+            "vae_anomalous_images_total",
+            "Images POST /score judged anomalous (outside the central 1 - alpha of the test split's scores).",
             registry=registry,
         )
         self._model_info_labels: dict[str, str] | None = None

@@ -52,9 +52,10 @@ FIRST_QUEUE_BY_ROUTE = {
     ("POST", "/reconstruct"): "encoder",
     ("POST", "/decode"): "decoder",
     ("GET", "/sample"): "decoder",
+    ("POST", "/score"): "encoder",
 }
 
-_IMAGE_UPLOAD_BODY: dict[str, Any] = {
+IMAGE_UPLOAD_BODY: dict[str, Any] = {
     "requestBody": {
         "required": True,
         "content": {
@@ -98,7 +99,7 @@ _INTERPOLATE_BODY: dict[str, Any] = {
     }
 }
 _PROBLEM_SCHEMA = Problem.model_json_schema()
-_PROBLEMS: dict[int | str, dict[str, Any]] = {
+PROBLEMS: dict[int | str, dict[str, Any]] = {
     status: {"content": {"application/problem+json": {"schema": _PROBLEM_SCHEMA}}, "description": description}
     for status, description in (
         (413, "Body or image too large."),
@@ -109,7 +110,7 @@ _PROBLEMS: dict[int | str, dict[str, Any]] = {
     )
 }
 IMAGE_RESPONSES: dict[int | str, dict[str, Any]] = {
-    **_PROBLEMS,
+    **PROBLEMS,
     200: {
         "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
         "description": "JSON by default; with `Accept: image/png`, one PNG grid of all images.",
@@ -168,8 +169,8 @@ async def _encode_uploads(
     "/encode",
     tags=[MODEL_TAG],
     response_model=EncodeResponse,
-    responses=_PROBLEMS,
-    openapi_extra=_IMAGE_UPLOAD_BODY,
+    responses=PROBLEMS,
+    openapi_extra=IMAGE_UPLOAD_BODY,
     summary="Encode images to their latent distributions",
     description="Upload an image (multipart field `file`, several as `files`, or a raw image body). "
     + _CONVERSION_NOTE
@@ -272,7 +273,7 @@ async def sample(
     tags=[MODEL_TAG],
     response_model=ImagesResponse,
     responses=IMAGE_RESPONSES,
-    openapi_extra=_IMAGE_UPLOAD_BODY,
+    openapi_extra=IMAGE_UPLOAD_BODY,
     summary="Encode and decode images",
     description="Takes the same uploads as /encode and decodes each image's mean, or with `sample=true` a z "
     "sampled as in /encode. " + _CONVERSION_NOTE,
@@ -338,7 +339,7 @@ async def healthz() -> dict[str, str]:
 
 
 @router.get(
-    "/readyz", tags=[OPS_TAG], summary="Readiness: the model is loaded and warmed up", responses=_PROBLEMS
+    "/readyz", tags=[OPS_TAG], summary="Readiness: the model is loaded and warmed up", responses=PROBLEMS
 )
 async def readyz(request: Request) -> dict[str, str]:
     ready_engine(request)

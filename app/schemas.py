@@ -172,6 +172,66 @@ class FramesResponse(ImagesResponse):
     )
 
 
+class ImageScores(BaseModel):
+    negative_elbo: float = Field(description="Reconstruction NLL (mean over k draws) + KL, nats.")
+    reconstruction_nll: float = Field(description="-log p(x|z), averaged over the k draws, nats.")
+    kl: float = Field(description="KL(q(z|x) || N(0, I)), exact, nats.")
+    iwae: float = Field(description="k-sample importance-weighted bound on -log p(x), nats.")
+    reconstruction_mse: float = Field(description="MSE per pixel of the mean's reconstruction.")
+    latent_nll: float | None = Field(
+        description="-log p(mean) under the mixture fitted to the training codes (null: no mixture)."
+    )
+    percentile: float | None = Field(
+        description="Share (0-100) of the test split's negative_elbo below this one (null: no reference)."
+    )
+    latent_percentile: float | None = Field(
+        description="Share (0-100) of the test split's latent_nll below this one."
+    )
+    atypicality: float | None = Field(
+        description="Fisher's statistic of the tests (negative_elbo two-sided, reconstruction_mse and "
+        "latent_nll upper-tailed): larger is more atypical."
+    )
+    p_value: float | None = Field(description="The share of the test split at least as atypical.")
+    anomalous: bool | None = Field(description="p_value below alpha.")
+
+
+class ScoreResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "k": 16,
+                    "seed": 7,
+                    "alpha": 0.01,
+                    "score": "negative_elbo",
+                    "items": [
+                        {
+                            "negative_elbo": 98.1,
+                            "reconstruction_nll": 73.9,
+                            "kl": 24.2,
+                            "iwae": 95.0,
+                            "reconstruction_mse": 0.0071,
+                            "latent_nll": 15.2,
+                            "percentile": 48.2,
+                            "latent_percentile": 40.3,
+                            "atypicality": 4.1,
+                            "p_value": 0.43,
+                            "anomalous": False,
+                        }
+                    ],
+                }
+            ]
+        }
+    )
+
+    k: int
+    seed: int
+    alpha: float
+    score: str = Field(description="The score `percentile` refers to.")
+    items: list[ImageScores] = Field(description="One entry per uploaded image, in upload order.")
+    note: str | None = Field(default=None, description="Why scores are approximate or lack a reference.")
+
+
 class Problem(BaseModel):
     """Every error: RFC 9457 problem JSON, media type application/problem+json."""
 

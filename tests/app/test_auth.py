@@ -24,6 +24,7 @@ MODEL_REQUESTS = [
     ("POST", "/interpolate", {"json": {"start": [0.0] * 16, "end": [1.0] * 16, "steps": 2}}),
     ("POST", "/traverse?dims=0&steps=2", {"json": {"latent": [0.0] * 16}}),
     ("POST", "/edit?attribute=ink", {"json": {"latent": [0.0] * 16}}),
+    ("POST", "/score", {"content": b"", "headers": {"Content-Type": "image/png"}}),
 ]
 OPS_PATHS = ["/healthz", "/readyz", "/metrics", "/docs", "/openapi.json"]
 

@@ -3,6 +3,7 @@ file is verified like the ONNX files."""
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 from pathlib import Path
@@ -11,6 +12,7 @@ import numpy as np
 import onnx
 import pytest
 from fastapi.testclient import TestClient
+from PIL import Image
 
 from app.engine import Engine, StartupError
 from app.main import create_app
@@ -32,7 +34,8 @@ def as_version_1(source: Path, target: Path) -> Path:
     manifest = json.loads((target / "manifest.json").read_text())
     manifest["schema_version"] = 1
     del manifest["tensors"]["decoder_logits"], manifest["sample_quality"]
-    del manifest["files"]["latent_space"]
+    del manifest["anomaly_detection"], manifest["observation_std"]
+    del manifest["files"]["latent_space"], manifest["files"]["score_reference"]
     manifest["files"]["decoder"]["sha256"] = sha256_of(target / "decoder.onnx")
     (target / "manifest.json").write_text(json.dumps(manifest))
     return target
@@ -55,6 +58,19 @@ def test_version_1_directories_keep_serving(version_1_dir: Path) -> None:
             "standard"
         ]
         assert client.get("/sample?prior=gmm").status_code == 422
+        # Scores from the clipped probabilities, and a note saying so.
+        scored = client.post(
+            "/score?k=2&seed=0", json=None, content=b"", headers={"Content-Type": "image/png"}
+        )
+        assert scored.status_code == 422  # an empty body is still refused clearly
+        digit = np.zeros((28, 28), np.uint8)
+        digit[8:20, 12:16] = 255
+        buffer = io.BytesIO()
+        Image.fromarray(digit).save(buffer, format="PNG")
+        body = client.post(
+            "/score?k=2&seed=0", files={"file": ("d.png", buffer.getvalue(), "image/png")}
+        ).json()
+        assert "no logits output" in body["note"] and body["items"][0]["negative_elbo"] > 0
 
 
 def test_version_2_decoder_must_have_the_logits_it_names(version_1_dir: Path, tmp_path: Path) -> None:

@@ -126,6 +126,8 @@ def test_dashboard_shows_what_operators_need() -> None:
         "Items per second",
         "Overload rejections",
         "Model info",
+        "Scored images: negative ELBO",
+        "Anomalous images",
     ):
         assert wanted in titles
 
@@ -148,10 +150,10 @@ def test_stack_files_agree_with_each_other() -> None:
 # --- Real Prometheus ---------------------------------------------------------------------------------------
 
 
-def png_bytes(width: int, height: int) -> bytes:
-    """A grey PNG: any size works, the service resizes uploads to the model's image shape."""
+def png_bytes(width: int, height: int, blank: bool = False) -> bytes:
+    """A grey (or black) PNG: any size works, the service resizes uploads to the model's image shape."""
     buffer = io.BytesIO()
-    Image.new("L", (width, height), color=128).save(buffer, format="PNG")
+    Image.new("L", (width, height), color=0 if blank else 128).save(buffer, format="PNG")
     return buffer.getvalue()
 
 
@@ -199,6 +201,21 @@ def send_traffic(base_url: str, latent_dim: int) -> dict[str, int]:
             "POST",
             f"{base_url}/interpolate",
             *multipart([("start", "a.png", image), ("end", "b.png", image)]),
+        ),
+        "traverse": request(
+            "POST",
+            f"{base_url}/traverse?dims=0&steps=3",
+            json.dumps({"latent": [0.0] * latent_dim}).encode(),
+            json_headers,
+        ),
+        "edit": request("POST", f"{base_url}/edit?attribute=ink", image, {"Content-Type": "image/png"}),
+        # Two scores: a plain image, and a blank one that the two-sided verdict flags as anomalous.
+        "score": request("POST", f"{base_url}/score?k=4&seed=0", image, {"Content-Type": "image/png"}),
+        "score blank": request(
+            "POST",
+            f"{base_url}/score?k=4&seed=0",
+            png_bytes(28, 28, blank=True),
+            {"Content-Type": "image/png"},
         ),
         "healthz": request("GET", f"{base_url}/healthz"),
         "readyz": request("GET", f"{base_url}/readyz"),

@@ -29,7 +29,16 @@ def api_curl_commands() -> list[str]:
 
 def test_readme_has_an_example_for_every_endpoint() -> None:
     commands = " ".join(api_curl_commands())
-    endpoints = ("/encode", "/decode", "/sample", "/reconstruct", "/interpolate", "/traverse", "/edit")
+    endpoints = (
+        "/encode",
+        "/decode",
+        "/sample",
+        "/reconstruct",
+        "/interpolate",
+        "/traverse",
+        "/edit",
+        "/score",
+    )
     for path in (*endpoints, "/healthz", "/readyz"):
         assert f"localhost:8000{path}" in commands, path
     for path in ("/model", "/metrics"):
