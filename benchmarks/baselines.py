@@ -33,7 +33,9 @@ from pydantic import BaseModel
 from app.cli import tune_interpreter
 from app.images import encode_png_grid, encode_pngs
 from app.main import FASTAPI_TELEMETRY
+from benchmarks.scenarios import SCORE_SAMPLES
 from model.manifest import load_model_dir
+from model.scores import posterior_draws, score_images
 
 
 def create_http_ceiling_app(encode_response: bytes) -> FastAPI:
@@ -148,6 +150,43 @@ def _inference_work(
         return encode_batch, max_batch_size
 
     decoder = ort.InferenceSession(str(paths["decoder"]), options, providers=["CPUExecutionProvider"])
+    if scenario_name == "score":
+        # Scoring max_batch_size images at k=16: one encoder run, their k + 1 latents each (the draws and
+        # the mean) in full decoder batches with all outputs fetched, then the service's own score arithmetic
+        # (model/scores.py), as image scenarios include the service's PNG encoding.
+        encoder = ort.InferenceSession(str(paths["encoder"]), options, providers=["CPUExecutionProvider"])
+        images = rng.random((max_batch_size, *manifest.image.shape), dtype=np.float32)
+
+        def score_batch() -> None:
+            mean, log_var = encoder.run(None, {names.encoder_input: images})
+            eps = rng.standard_normal((SCORE_SAMPLES, max_batch_size, manifest.latent_dim))
+            latents = np.concatenate(
+                [
+                    posterior_draws(mean, log_var, eps).astype(np.float32).reshape(-1, manifest.latent_dim),
+                    mean,
+                ]
+            )
+            outputs = [
+                decoder.run(None, {names.decoder_input: latents[start : start + max_batch_size]})
+                for start in range(0, len(latents), max_batch_size)
+            ]
+            decoded = np.concatenate([output[0] for output in outputs])
+            logits = np.concatenate([output[-1] for output in outputs])
+            draws = SCORE_SAMPLES * max_batch_size
+            score_images(
+                images,
+                mean,
+                log_var,
+                eps,
+                logits[:draws],
+                decoded[draws:],
+                likelihood=manifest.likelihood,
+                draw_logits_given=len(outputs[0]) > 1,
+                observation_std=manifest.observation_std,
+            )
+
+        return score_batch, max_batch_size
+
     traverse_frames = 7 * min(8, manifest.latent_dim)
     count = {"sample-json": 16, "sample-png": 16, "sample-gmm": 16, "interpolate": 8, "decode": 64}.get(
         scenario_name, traverse_frames

@@ -10,6 +10,7 @@ import numpy as np
 from PIL import Image
 
 MULTIPART_BOUNDARY = "vae-benchmark-boundary-7f3a9c"
+SCORE_SAMPLES = 16  # POST /score's default k
 
 
 @dataclass(frozen=True)
@@ -65,8 +66,8 @@ def _json_request(path: str, payload: object) -> HttpRequest:
 def build_scenarios(
     latent_dim: int = 16, image_height: int = 28, image_width: int = 28
 ) -> dict[str, Scenario]:
-    """Every scenario (issue 5; sample-gmm and traverse from issue 12), keyed by name, in the order the
-    suite runs them."""
+    """Every scenario (issue 5; sample-gmm and traverse from issue 12, score from issue 13), keyed by name,
+    in the order the suite runs them."""
     rng = np.random.default_rng(0)
     png = digit_png(image_height, image_width)
     start, end = (rng.standard_normal(latent_dim).round(4).tolist() for _ in range(2))
@@ -115,6 +116,21 @@ def build_scenarios(
                 json.dumps({"latent": start}).encode(),
             ),
             images_per_request=7 * min(8, latent_dim),
+            naive=False,
+        ),
+        Scenario(
+            name="score",
+            description=f"POST /score?k={SCORE_SAMPLES}, one {image_height}x{image_width} PNG, multipart",
+            request=HttpRequest(
+                method="POST",
+                path=f"/score?k={SCORE_SAMPLES}&seed=0",
+                headers={
+                    "Content-Type": f"multipart/form-data; boundary={MULTIPART_BOUNDARY}",
+                    "Accept": "application/json",
+                },
+                body=multipart_file_body("file", "digit.png", "image/png", png),
+            ),
+            images_per_request=1,
             naive=False,
         ),
         Scenario(
