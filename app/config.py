@@ -143,7 +143,8 @@ class Settings(BaseSettings):
         description="POST /score accepts k (posterior samples per image) up to this value; more get 422.",
     )
     max_score_decodes: int = Field(
-        default=4096,
+        # A quarter of the default queue: one scoring request must not fill the decoder queue for everyone.
+        default=1024,
         ge=2,
         description=(
             "POST /score decodes (k + 1) x N latents for N images (k draws and the mean each); requests "
@@ -155,8 +156,9 @@ class Settings(BaseSettings):
         gt=0,
         lt=1,
         description=(
-            "POST /score calls an image anomalous when its negative ELBO lies outside the central "
-            "1 - alpha of the test split's, unless the request gives its own alpha."
+            "POST /score calls an image anomalous when its p-value (the combined likelihood, reconstruction "
+            "and latent-density tests against the test split) is below this, unless the request gives its "
+            "own alpha."
         ),
     )
     max_frames_per_request: int = Field(

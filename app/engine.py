@@ -23,7 +23,7 @@ from app.errors import NonFiniteValues
 from app.metrics import Metrics
 from model.latent_space import LatentSpace, LatentSpaceError, load_latent_space
 from model.manifest import DEFAULT_MODEL_DIR, Manifest, load_model_dir
-from model.scores import ScoreReference
+from model.scores import LATENT_SCORE, ScoreReference
 
 logger = logging.getLogger(__name__)
 
@@ -179,6 +179,7 @@ class Engine:
                 engine.latent_space = load_latent_space(paths["latent_space"], manifest.latent_dim)
             except LatentSpaceError as error:
                 raise StartupError(f"the model's latent-space description is unusable: {error}") from error
+        engine.check_score_reference()
         if settings.execution_provider == "cuda" and engine.provider != CUDA:
             # onnxruntime falls back to CPU silently when the CUDA libraries fail to load.
             raise StartupError(
@@ -197,6 +198,21 @@ class Engine:
             ", ".join(ort.get_available_providers()),
         )
         return engine
+
+    def check_score_reference(self) -> None:
+        """The reference must have been calibrated with the tests the service will run: latent_nll exactly
+        when the model ships its mixture prior, or every p-value would be off."""
+        if self.score_reference is None:
+            return
+        has_prior = self.latent_space is not None and self.latent_space.prior is not None
+        if (LATENT_SCORE in self.score_reference.names) != has_prior:
+            raise StartupError(
+                "the score reference was calibrated "
+                + ("with" if not has_prior else "without")
+                + " the latent density test, but the model ships "
+                + ("no" if not has_prior else "a")
+                + " mixture prior; export the model again so both come from one run"
+            )
 
     def check_graphs(self) -> None:
         """The sessions' input/output names and shapes must be what the manifest promises."""

@@ -106,7 +106,7 @@ class Metrics:
         )
         self.anomalous_images = Counter(
             "vae_anomalous_images_total",
-            "Images POST /score judged anomalous (outside the central 1 - alpha of the test split's scores).",
+            "Images POST /score judged anomalous (p-value below alpha).",
             registry=registry,
         )
         self._model_info_labels: dict[str, str] | None = None

@@ -84,12 +84,13 @@ def exactness_note(engine: Engine) -> str | None:
     summary="Likelihood and anomaly scores of images",
     description="Takes the same uploads as /encode. Per image, in nats: negative_elbo (reconstruction NLL "
     "averaged over k posterior draws, plus the exact KL to the prior) and its parts, iwae (the k-sample "
-    "importance-weighted bound on -log p(x), equal to negative_elbo at k=1), reconstruction_mse of the "
+    "importance-weighted estimate of -log p(x), an upper bound in expectation, tighter as k grows), "
+    "reconstruction_mse of the "
     "mean's reconstruction, latent_nll (-log p(mean) under the mixture fitted to the training codes), and "
     "where they fall among the model's test split: percentile and latent_percentile. The verdict tests "
     "negative_elbo two-sided (far too likely is atypical too), reconstruction_mse and latent_nll "
-    "upper-tailed, and combines them by Fisher's method into atypicality; p_value is the share of test "
-    "images at least as atypical, and anomalous means p_value < alpha. "
+    "upper-tailed, and combines them by Fisher's method into atypicality; p_value is its conformal tail "
+    "among the test images, (1 + #{at least as atypical}) / (n + 1), and anomalous means p_value < alpha. "
     "eps = numpy.random.default_rng(seed).standard_normal((k, N, latent_dim)); the same seed gives the same "
     "scores.",
 )
@@ -98,7 +99,8 @@ async def score(
     k: Annotated[int, Query(ge=1, description="Posterior samples per image.")] = 16,
     seed: SeedQuery = None,
     alpha: Annotated[
-        float | None, Query(gt=0, lt=1, description="Two-sided tail mass (default VAE_ANOMALY_ALPHA).")
+        float | None,
+        Query(gt=0, lt=1, description="Anomalous when p_value < alpha (default VAE_ANOMALY_ALPHA)."),
     ] = None,
 ) -> Response:
     with serving(request) as (engine, settings):
@@ -106,8 +108,8 @@ async def score(
             raise LimitExceeded("k", k, settings.max_score_samples)
         if engine.manifest.likelihood == "gaussian" and engine.manifest.observation_std is None:
             raise InvalidRequest(
-                "this gaussian model's manifest records no observation_std (manifest schema 1), so its "
-                "likelihood cannot be computed; export it again with vae-export"
+                "this gaussian model's manifest records no observation_std (it was exported before the "
+                "exporter recorded it), so its likelihood cannot be computed; export it again with vae-export"
             )
         blobs = await read_image_blobs(request, settings)
         decodes = (k + 1) * len(blobs)
@@ -133,6 +135,12 @@ async def score(
         _record(request.app.state.metrics, scores, items)
         body: dict[str, Any] = {"k": k, "seed": seed, "alpha": alpha, "score": ANOMALY_SCORE, "items": items}
         notes = [exactness_note(engine)]
+        reference = engine.score_reference
+        if reference is not None and k != reference.samples:
+            notes.append(
+                f"the test split's reference scores used k={reference.samples}; negative_elbo's spread "
+                f"shrinks slightly as k grows, so percentiles at k={k} compare close but not like for like"
+            )
         if engine.score_reference is None:
             notes.append(
                 "this model ships no score reference (score_reference.npz): percentile and anomalous are null"

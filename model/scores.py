@@ -17,11 +17,11 @@ The anomaly verdict combines tests against the test split's scores: negative_elb
 is as atypical as far too unlikely, Nalisnick et al. 2019), reconstruction_mse upper-tailed, and, when the
 model ships its mixture, latent_nll upper-tailed (a code far from the training codes). The likelihood alone
 misses images that a VAE reconstructs well but whose codes no digit has, such as random strokes. Each test's
-tail probability t_i (floored at TAIL_FLOOR: the test split cannot resolve smaller ones) enters Fisher's
-statistic X = -2 sum log t_i, the `atypicality`. The tests are correlated, so X is not chi-squared: the
-reference also holds X's own distribution over the test split, and `p_value` is the share of test images at
-least as atypical (1 - F_X). The image is anomalous when p_value < alpha, which by construction flags a
-share alpha of the test split.
+tail probability is conformal, t = (1 + #{test images at least as extreme}) / (n + 1), and Fisher's
+statistic X = -2 sum log t_i is the `atypicality`. The tests are correlated, so X is not chi-squared: the
+reference also holds X over the test split, and `p_value` is X's conformal tail, (1 + #{test images at least
+as atypical}) / (n + 1). The image is anomalous when p_value < alpha; the exporter measures how often that
+happens on the validation split, which the calibration never saw.
 """
 
 from __future__ import annotations
@@ -43,10 +43,14 @@ ANOMALY_SCORE = "negative_elbo"
 LATENT_SCORE = "latent_nll"
 UPPER_TAILED_SCORES = ("reconstruction_mse", LATENT_SCORE)
 ATYPICALITY = "atypicality"
-TAIL_FLOOR = 1e-4
 # Probabilities are clipped to [PROBABILITY_EPSILON, 1 - PROBABILITY_EPSILON] when a model has no logits.
 PROBABILITY_EPSILON = 1e-6
 _LOG_2PI = math.log(2 * math.pi)
+
+
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+    """1 / (1 + exp(-l)) without overflow for any l, float64."""
+    return np.exp(-np.logaddexp(0.0, -logits.astype(np.float64)))
 
 
 def kl_to_standard_normal(mean: np.ndarray, log_var: np.ndarray) -> np.ndarray:
@@ -135,7 +139,7 @@ def score_images(
     if likelihood == "gaussian":
         if observation_std is None:
             raise ValueError("a gaussian likelihood needs its observation std")
-        means = 1 / (1 + np.exp(-outputs.astype(np.float64))) if draw_logits_given else outputs
+        means = sigmoid(outputs) if draw_logits_given else outputs
         nll = gaussian_nll(means.reshape(-1, *images.shape[1:]), _repeat(images, samples), observation_std)
     elif draw_logits_given:
         nll = bernoulli_nll_from_logits(outputs, images[None])
@@ -154,19 +158,20 @@ def _repeat(images: np.ndarray, samples: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class ScoreReference:
-    """The test split's scores as quantiles: values (S, Q) at `levels` (Q,) in [0, 1], one row per name."""
+    """The test split's scores, sorted: values (S, n), one row per name; `samples` is the k they used."""
 
     names: tuple[str, ...]
-    levels: np.ndarray
     values: np.ndarray
-    samples: int  # the k the reference was scored with
+    samples: int
 
     @classmethod
-    def from_scores(cls, scores: dict[str, np.ndarray], samples: int, count: int = 1001) -> ScoreReference:
-        levels = np.linspace(0.0, 1.0, count)
+    def from_scores(cls, scores: dict[str, np.ndarray], samples: int) -> ScoreReference:
         names = tuple(name for name in (*SCORE_NAMES, LATENT_SCORE, ATYPICALITY) if name in scores)
-        values = np.stack([np.quantile(scores[name], levels) for name in names])
-        return cls(names, levels, values, samples)
+        return cls(names, np.stack([np.sort(scores[name]) for name in names]).astype(np.float64), samples)
+
+    @property
+    def size(self) -> int:
+        return self.values.shape[1]
 
     def save(self, path: Path) -> None:
         with path.open("wb") as stream:
@@ -174,7 +179,6 @@ class ScoreReference:
                 stream,
                 allow_pickle=False,
                 names=np.array(self.names, dtype=np.str_),
-                levels=self.levels,
                 values=self.values,
                 samples=np.array(self.samples),
             )
@@ -184,37 +188,53 @@ class ScoreReference:
         """Read score_reference.npz; ValueError says what is wrong."""
         try:
             with np.load(path, allow_pickle=False) as archive:
-                names = tuple(str(name) for name in archive["names"])
-                levels, values = archive["levels"].astype(np.float64), archive["values"].astype(np.float64)
+                names = tuple(str(name) for name in archive["names"].reshape(-1))
+                values = archive["values"].astype(np.float64)
                 samples = int(archive["samples"])
-        except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        except (OSError, KeyError, ValueError, TypeError, EOFError, zipfile.BadZipFile) as error:
             raise ValueError(f"cannot read {path.name}: {error}") from None
-        if values.shape != (len(names), len(levels)) or len(levels) < 2:
-            raise ValueError(f"{path.name}: values {values.shape} do not fit {len(names)} names, levels")
+        if values.ndim != 2 or values.shape[0] != len(names) or values.shape[1] < 2 or samples < 1:
+            raise ValueError(f"{path.name}: values {values.shape} do not fit {len(names)} names")
         if not (np.isfinite(values).all() and (np.diff(values, axis=1) >= 0).all()):
-            raise ValueError(f"{path.name}: every score's quantiles must be finite and non-decreasing")
+            raise ValueError(f"{path.name}: every score's values must be finite and sorted")
         for needed in (ANOMALY_SCORE, ATYPICALITY):
             if needed not in names:
-                raise ValueError(f"{path.name} has no {needed} quantiles")
-        return cls(names, levels, values, samples)
+                raise ValueError(f"{path.name} has no {needed} scores")
+        return cls(names, values, samples)
 
     def percentile(self, name: str, values: np.ndarray) -> np.ndarray:
-        """The share (0..100) of the reference scores below each value, interpolated between quantiles;
-        0 below the smallest reference score and 100 above the largest."""
+        """Where each value falls (0..100) among the reference scores, interpolated between them; 0 below
+        the smallest and 100 above the largest."""
         row = self.values[self.names.index(name)]
-        # np.interp needs increasing x; equal quantiles (ties) are fine, it takes the right-most level.
-        return 100.0 * np.interp(values, row, self.levels, left=0.0, right=1.0)
+        return 100.0 * np.interp(values, row, np.linspace(0.0, 1.0, len(row)), left=0.0, right=1.0)
+
+    def upper_tail(self, name: str, values: np.ndarray, in_sample: bool = False) -> np.ndarray:
+        """Conformal tail probability (1 + #{reference >= value}) / (n + 1): valid for an image exchangeable
+        with the reference, never 0, and 1 / (n + 1) beyond the largest reference score. in_sample: the
+        values are the reference's own, each counted among the others only, #{reference >= value} / n."""
+        row = self.values[self.names.index(name)]
+        at_least = len(row) - np.searchsorted(row, values, side="left")
+        return at_least / len(row) if in_sample else (1 + at_least) / (len(row) + 1)
+
+    def lower_tail(self, name: str, values: np.ndarray, in_sample: bool = False) -> np.ndarray:
+        """(1 + #{reference <= value}) / (n + 1), or #{reference <= value} / n in sample."""
+        row = self.values[self.names.index(name)]
+        at_most = np.searchsorted(row, values, side="right")
+        return at_most / len(row) if in_sample else (1 + at_most) / (len(row) + 1)
 
 
-def tail_probabilities(reference: ScoreReference, scores: dict[str, np.ndarray]) -> np.ndarray:
-    """(m, N): negative_elbo's two-sided tail 2 * min(F, 1 - F), then 1 - F of each upper-tailed score that
-    both the reference and the scores have; F is the test split's distribution, floored at TAIL_FLOOR."""
-    below = reference.percentile(ANOMALY_SCORE, scores[ANOMALY_SCORE]) / 100
-    tails = [2 * np.minimum(below, 1 - below)]
+def tail_probabilities(
+    reference: ScoreReference, scores: dict[str, np.ndarray], in_sample: bool = False
+) -> np.ndarray:
+    """(m, N): negative_elbo's two-sided tail min(1, 2 * min(lower, upper)), then the upper tail of each
+    upper-tailed score that both the reference and the scores have (conformal, see ScoreReference)."""
+    lower = reference.lower_tail(ANOMALY_SCORE, scores[ANOMALY_SCORE], in_sample)
+    upper = reference.upper_tail(ANOMALY_SCORE, scores[ANOMALY_SCORE], in_sample)
+    tails = [np.minimum(1.0, 2 * np.minimum(lower, upper))]
     for name in UPPER_TAILED_SCORES:
         if name in reference.names and name in scores:
-            tails.append(1 - reference.percentile(name, scores[name]) / 100)
-    return np.clip(np.array(tails), TAIL_FLOOR, 1.0)
+            tails.append(reference.upper_tail(name, scores[name], in_sample))
+    return np.array(tails)
 
 
 def fisher_statistic(tails: np.ndarray) -> np.ndarray:
@@ -225,7 +245,9 @@ def fisher_statistic(tails: np.ndarray) -> np.ndarray:
 def calibrated_reference(scores: dict[str, np.ndarray], samples: int) -> ScoreReference:
     """The reference of the test split's scores, with the atypicality's own distribution added."""
     components = ScoreReference.from_scores(scores, samples)
-    statistic = fisher_statistic(tail_probabilities(components, scores))
+    # Each test image against the others only, as a new image is against all of them: an image counted
+    # among its own reference would look less atypical than a fresh one, and fresh p-values too small.
+    statistic = fisher_statistic(tail_probabilities(components, scores, in_sample=True))
     return ScoreReference.from_scores({**scores, ATYPICALITY: statistic}, samples)
 
 
@@ -235,5 +257,5 @@ def atypicality(reference: ScoreReference, scores: dict[str, np.ndarray]) -> np.
 
 
 def anomaly_p_values(reference: ScoreReference, statistic: np.ndarray) -> np.ndarray:
-    """(N,) the share of the test split at least as atypical as each statistic (1 - F_X)."""
-    return 1 - reference.percentile(ATYPICALITY, statistic) / 100
+    """(N,) conformal p-values: (1 + #{test images at least as atypical}) / (n + 1)."""
+    return reference.upper_tail(ATYPICALITY, statistic)

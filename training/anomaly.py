@@ -27,6 +27,7 @@ from model.scores import (
     atypicality,
     posterior_draws,
     score_images,
+    sigmoid,
 )
 from training.latent_space import EncodeFunction
 
@@ -58,7 +59,7 @@ def score_split(
         eps = rng.standard_normal((samples, len(batch), mean.shape[1]))
         draws = posterior_draws(mean, log_var, eps).astype(np.float32).reshape(-1, mean.shape[1])
         logits = decode_logits(np.concatenate([draws, mean]))
-        mean_images = 1 / (1 + np.exp(-logits[len(draws) :].astype(np.float64)))
+        mean_images = sigmoid(logits[len(draws) :])
         scores = score_images(
             batch,
             mean,
@@ -115,15 +116,15 @@ def anomaly_report(
     reference: ScoreReference,
     test_scores: dict[str, np.ndarray],
     synthetic_scores: dict[str, dict[str, np.ndarray]],
+    validation_scores: dict[str, np.ndarray],
     alpha: float = DEFAULT_ALPHA,
 ) -> dict[str, Any]:
     """Per synthetic set: the AUROC of the verdict's statistic (test images negative, the set positive), the
-    AUROC of negative_elbo's two-sided test alone, the share flagged at alpha and the mean negative_elbo."""
+    AUROC of negative_elbo's two-sided test alone, the share flagged at alpha and the mean negative_elbo;
+    and the share of the validation split (never part of the calibration) flagged: the false-positive rate
+    on fresh data like the training data."""
     elbo_only = ScoreReference(
-        (ANOMALY_SCORE,),
-        reference.levels,
-        reference.values[[reference.names.index(ANOMALY_SCORE)]],
-        reference.samples,
+        (ANOMALY_SCORE,), reference.values[[reference.names.index(ANOMALY_SCORE)]], reference.samples
     )
 
     sets = {}
@@ -147,5 +148,8 @@ def anomaly_report(
         "alpha": alpha,
         "reference_samples": reference.samples,
         "test_flagged_share": float((test_p < alpha).mean()),
+        "validation_flagged_share": float(
+            (anomaly_p_values(reference, atypicality(reference, validation_scores)) < alpha).mean()
+        ),
         "synthetic_sets": sets,
     }

@@ -147,7 +147,8 @@ def calibrate_scores(
         name: score_split(encode, decode_logits, images, seed=config.seed + 1, **options)
         for name, images in synthetic_sets(splits.test.images, config.seed).items()
     }
-    report = anomaly_report(reference, test_scores, synthetic)
+    validation = score_split(encode, decode_logits, splits.validation.images, seed=config.seed + 2, **options)
+    report = anomaly_report(reference, test_scores, synthetic, validation)
     report["test_mean_scores"] = {name: float(values.mean()) for name, values in test_scores.items()}
     aurocs = ", ".join(f"{name} {row['auroc']:.3f}" for name, row in report["synthetic_sets"].items())
     print(f"anomaly score AUROC against synthetic sets: {aurocs}", file=sys.stderr)

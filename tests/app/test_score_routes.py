@@ -16,7 +16,7 @@ from PIL import Image
 from app.config import Settings
 from app.main import create_app
 from model.manifest import sha256_of
-from model.scores import SCORE_NAMES, calibrated_reference, posterior_draws, score_images
+from model.scores import SCORE_NAMES, ScoreReference, calibrated_reference, posterior_draws, score_images
 from tests.app.conftest import DirectModel
 
 LATENT_DIM = 16
@@ -34,10 +34,13 @@ def as_array(blob: bytes) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def reference_model_dir(mnist_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The mnist-test model with a score reference whose negative_elbo quantiles are 100..200 nats."""
+def reference_model_dir(
+    mnist_model_dir: Path, mnist_direct: DirectModel, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """The mnist-test model with a score reference: its own scores of 200 random images like png()'s."""
     model_dir = Path(shutil.copytree(mnist_model_dir, tmp_path_factory.mktemp("scored") / "model"))
-    scores = {name: np.linspace(100, 200, 101) for name in SCORE_NAMES}
+    images = np.concatenate([as_array(png(1000 + index)) for index in range(200)])
+    scores = expected_scores(mnist_direct, images, k=16, seed=0)
     calibrated_reference(scores, samples=16).save(model_dir / "score_reference.npz")
     manifest = json.loads((model_dir / "manifest.json").read_text())
     manifest["files"]["score_reference"] = {
@@ -96,18 +99,27 @@ def test_same_seed_same_scores(scored: TestClient) -> None:
     assert scored.post("/score?k=4&seed=10", files=upload).json()["items"] != first
 
 
-def test_percentile_and_verdict_come_from_the_reference(scored: TestClient) -> None:
-    item = scored.post("/score?k=2&seed=1", content=png(4), headers={"Content-Type": "image/png"}).json()
-    scores = item["items"][0]
-    expected = float(np.clip(scores["negative_elbo"] - 100, 0, 100))  # the reference is 100..200 nats
-    assert scores["percentile"] == pytest.approx(expected, abs=1e-6)
+def test_percentile_and_verdict_come_from_the_reference(
+    scored: TestClient, reference_model_dir: Path
+) -> None:
+    reference = ScoreReference.load(reference_model_dir / "score_reference.npz")
+    elbo, mse = (
+        reference.values[reference.names.index(name)] for name in ("negative_elbo", "reconstruction_mse")
+    )
+    # An image like the reference's: inside its range, and not anomalous.
+    like = scored.post("/score?k=16&seed=3", content=png(4), headers={"Content-Type": "image/png"}).json()
+    scores = like["items"][0]
+    expected = 100 * np.interp(scores["negative_elbo"], elbo, np.linspace(0, 1, len(elbo)))
+    assert 0 < scores["percentile"] < 100 and scores["percentile"] == pytest.approx(expected)
     # No latent density in this model: negative_elbo two-sided and reconstruction_mse upper-tailed.
     assert scores["latent_nll"] is None and scores["latent_percentile"] is None
-    mse_tail = 1 - float(np.clip(scores["reconstruction_mse"] - 100, 0, 100)) / 100
-    tails = np.clip([2 * min(expected, 100 - expected) / 100, mse_tail], 1e-4, 1)
+    n = len(elbo)
+    lower = (1 + (elbo <= scores["negative_elbo"]).sum()) / (n + 1)
+    upper = (1 + (elbo >= scores["negative_elbo"]).sum()) / (n + 1)
+    tails = [min(1, 2 * min(lower, upper)), (1 + (mse >= scores["reconstruction_mse"]).sum()) / (n + 1)]
     assert scores["atypicality"] == pytest.approx(-2 * np.log(tails).sum(), rel=1e-9)
-    assert 0 <= scores["p_value"] <= 1 and scores["anomalous"] == (scores["p_value"] < 0.01)
-    wide = scored.post("/score?k=2&seed=1&alpha=0.99", content=png(4), headers={"Content-Type": "image/png"})
+    assert scores["p_value"] > 0.01 and scores["anomalous"] is False
+    wide = scored.post("/score?k=16&seed=3&alpha=0.99", content=png(4), headers={"Content-Type": "image/png"})
     assert wide.json()["items"][0]["anomalous"] == (scores["p_value"] < 0.99)
 
 
@@ -154,3 +166,52 @@ def test_a_model_without_a_reference_says_so(client: TestClient) -> None:
     body = client.post("/score?k=2&seed=0", files={"file": ("d.png", png(6), "image/png")}).json()
     assert body["items"][0]["percentile"] is None and body["items"][0]["anomalous"] is None
     assert "no score reference" in body["note"]
+
+
+@pytest.fixture(scope="module")
+def gaussian_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import torch
+
+    from model.export import export_model
+    from model.manifest import TrainingData
+    from model.vae import VAE, VaeConfig
+
+    torch.manual_seed(3)
+    vae = VAE(VaeConfig(image_shape=(1, 28, 28), latent_dim=LATENT_DIM, widths=(8, 16), hidden_dim=32))
+    model_dir = tmp_path_factory.mktemp("gaussian")
+    export_model(
+        vae,
+        model_dir,
+        name="gaussian-test",
+        version="1",
+        likelihood="gaussian",
+        training_data=TrainingData(name="none", train_size=0, validation_size=0, test_size=0),
+        test_metrics={},
+        observation_std=0.1,
+    )
+    return model_dir
+
+
+def test_a_gaussian_model_scores_with_its_observation_std(
+    gaussian_model_dir: Path, make_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    direct = DirectModel(gaussian_model_dir)
+    blob = png(7)
+    with TestClient(create_app(make_settings(gaussian_model_dir)), raise_server_exceptions=False) as client:
+        item = client.post("/score?k=4&seed=2", content=blob, headers={"Content-Type": "image/png"}).json()
+    images = as_array(blob)
+    mean, log_var = direct.encode(images)
+    eps = np.random.default_rng(2).standard_normal((4, 1, LATENT_DIM))
+    draws = posterior_draws(mean, log_var, eps).astype(np.float32).reshape(-1, LATENT_DIM)
+    residual = (images.astype(np.float64) - direct.decode(draws).astype(np.float64)) / 0.1
+    nll = (0.5 * residual**2 + np.log(0.1) + 0.5 * np.log(2 * np.pi)).reshape(4, -1).sum(axis=1)
+    kl = 0.5 * (mean.astype(np.float64) ** 2 + np.exp(log_var) - 1 - log_var).sum()
+    assert item["items"][0]["negative_elbo"] == pytest.approx(nll.mean() + kl, rel=1e-6)
+    # A gaussian manifest without its std cannot be scored: a clear 422, not a guess.
+    stale = Path(shutil.copytree(gaussian_model_dir, tmp_path / "stale"))
+    manifest = json.loads((stale / "manifest.json").read_text())
+    manifest["observation_std"] = None
+    (stale / "manifest.json").write_text(json.dumps(manifest))
+    with TestClient(create_app(make_settings(stale)), raise_server_exceptions=False) as client:
+        refused = client.post("/score", content=blob, headers={"Content-Type": "image/png"})
+    assert refused.status_code == 422 and "observation_std" in refused.json()["detail"]

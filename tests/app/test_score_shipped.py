@@ -31,8 +31,13 @@ def shipped() -> Iterator[TestClient]:
 
 
 @pytest.fixture(scope="module")
-def test_digits() -> np.ndarray:
-    return load_dataset(TrainConfig()).test.images
+def splits():  # type: ignore[no-untyped-def]
+    return load_dataset(TrainConfig())
+
+
+@pytest.fixture(scope="module")
+def test_digits(splits) -> np.ndarray:  # type: ignore[no-untyped-def]
+    return splits.test.images
 
 
 def score_all(client: TestClient, images: np.ndarray, k: int, per_request: int) -> list[dict[str, float]]:
@@ -50,19 +55,20 @@ def score_all(client: TestClient, images: np.ndarray, k: int, per_request: int) 
 
 def test_test_split_scores_match_the_manifest(shipped: TestClient, test_digits: np.ndarray) -> None:
     metrics = read_manifest(DEFAULT_MODEL_DIR).test_metrics
-    elbo = np.mean([item["negative_elbo"] for item in score_all(shipped, test_digits, k=16, per_request=64)])
+    elbo = np.mean([item["negative_elbo"] for item in score_all(shipped, test_digits, k=16, per_request=60)])
     assert abs(elbo - metrics["negative_elbo"]) < 1.0, (elbo, metrics["negative_elbo"])
-    iwae = np.mean([item["iwae"] for item in score_all(shipped, test_digits, k=64, per_request=60)])
-    assert abs(iwae - metrics["iwae_bound"]) < 1.0, (iwae, metrics["iwae_bound"])
+    iwae = np.mean([item["iwae"] for item in score_all(shipped, test_digits, k=64, per_request=15)])
+    # Within 0.3 nats: k=16's bound is 0.6 nats looser, so an ignored k would fail.
+    assert abs(iwae - metrics["iwae_bound"]) < 0.3, (iwae, metrics["iwae_bound"])
 
 
-def test_noise_and_blank_images_are_flagged_and_digits_mostly_not(
-    shipped: TestClient, test_digits: np.ndarray
-) -> None:
-    digits = score_all(shipped, test_digits[::5], k=16, per_request=50)
-    assert np.mean([item["anomalous"] for item in digits]) <= 0.05
+def test_noise_and_blank_images_are_flagged_and_digits_mostly_not(shipped: TestClient, splits) -> None:  # type: ignore[no-untyped-def]
+    # The validation digits never entered the calibration: at alpha 0.01, about 1% may be flagged.
+    digits = score_all(shipped, splits.validation.images[:200], k=16, per_request=50)
+    assert np.mean([item["anomalous"] for item in digits]) <= 0.03
     noise = np.random.default_rng(0).random((20, 1, 28, 28)).astype(np.float32)
     assert all(item["anomalous"] for item in score_all(shipped, noise, k=16, per_request=20))
     blank = score_all(shipped, np.zeros((1, 1, 28, 28), np.float32), k=16, per_request=1)[0]
     # Beyond every test digit's score (for this model far less likely, 630 nats), and flagged.
-    assert blank["percentile"] in (0.0, 100.0) and blank["anomalous"] is True and blank["p_value"] == 0.0
+    assert blank["percentile"] in (0.0, 100.0) and blank["anomalous"] is True
+    assert blank["p_value"] == pytest.approx(1 / 501)

@@ -209,7 +209,7 @@ def send_traffic(base_url: str, latent_dim: int) -> dict[str, int]:
             json_headers,
         ),
         "edit": request("POST", f"{base_url}/edit?attribute=ink", image, {"Content-Type": "image/png"}),
-        # Two scores: a plain image, and a blank one that the two-sided verdict flags as anomalous.
+        # Two scores: a plain image, and a blank one, which the shipped model flags as anomalous.
         "score": request("POST", f"{base_url}/score?k=4&seed=0", image, {"Content-Type": "image/png"}),
         "score blank": request(
             "POST",

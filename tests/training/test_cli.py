@@ -13,6 +13,7 @@ import torch
 
 from model.latent_space import LATENT_SPACE_FILENAME, load_latent_space
 from model.manifest import load_model_dir
+from model.scores import SCORE_REFERENCE_FILENAME, ScoreReference
 from training.cli import export_main, train_main
 from training.config import TrainConfig
 from training.data import load_dataset
@@ -92,6 +93,11 @@ def test_train_writes_run_artefacts_and_a_loadable_onnx_pair(trained_run: Path) 
     assert manifest.sample_quality is not None
     assert set(manifest.sample_quality["priors"]) == {"standard", "gmm"}
     assert set(manifest.sample_quality["label_accuracy"]["per_label"]) == set(space.labels)
+    # The score reference and the anomaly report, calibrated with the latent-density test.
+    reference = ScoreReference.load(trained_run / "model" / SCORE_REFERENCE_FILENAME)
+    assert reference.size == 500 and "latent_nll" in reference.names
+    assert manifest.anomaly_detection is not None and manifest.observation_std is None
+    assert len(manifest.anomaly_detection["synthetic_sets"]) == 6
 
 
 def test_no_latent_space_flag_exports_without_one(
