@@ -39,6 +39,7 @@ from app.schemas import (
     Problem,
 )
 from model.latent_space import LatentSpace
+from model.scores import ScoreReference
 
 router = APIRouter()
 # The endpoints that read the request themselves and take query parameters only: see app/routing.py.
@@ -370,10 +371,34 @@ async def model_info(request: Request, response: Response) -> dict[str, Any]:
                     "max_frames_per_request",
                     "max_traverse_span",
                     "max_edit_amount",
+                    "max_score_samples",
+                    "max_score_decodes",
+                    "anomaly_alpha",
                 }
             ),
             "latent_space": describe_latent_space(engine.latent_space, engine.manifest.latent_dim),
+            "scores": describe_score_reference(engine.score_reference),
         }
+
+
+SHOWN_PERCENTILES = (0, 1, 5, 25, 50, 75, 95, 99, 100)
+
+
+def describe_score_reference(reference: ScoreReference | None) -> dict[str, Any]:
+    """What GET /model says about POST /score's reference: the test split's score quantiles."""
+    if reference is None:
+        return {"note": "this model ships no score reference: /score gives scores without a verdict"}
+    return {
+        "reference_images": reference.size,
+        "reference_samples": reference.samples,
+        "quantiles": {
+            name: {
+                str(level): float(np.percentile(reference.values[index], level))
+                for level in SHOWN_PERCENTILES
+            }
+            for index, name in enumerate(reference.names)
+        },
+    }
 
 
 def describe_latent_space(space: LatentSpace | None, latent_dim: int) -> dict[str, Any]:

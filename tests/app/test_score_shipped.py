@@ -53,6 +53,18 @@ def score_all(client: TestClient, images: np.ndarray, k: int, per_request: int) 
     return items
 
 
+def test_model_shows_the_reference_quantiles_and_the_auroc_table(shipped: TestClient) -> None:
+    body = shipped.get("/model").json()
+    quantiles = body["scores"]["quantiles"]
+    assert body["scores"]["reference_images"] == 500 and body["scores"]["reference_samples"] == 16
+    assert (
+        quantiles["negative_elbo"]["0"] < quantiles["negative_elbo"]["50"] < quantiles["negative_elbo"]["100"]
+    )
+    assert set(quantiles) >= {"negative_elbo", "iwae", "latent_nll", "atypicality"}
+    sets = body["manifest"]["anomaly_detection"]["synthetic_sets"]
+    assert all(row["auroc"] >= 0.95 for row in sets.values()) and sets["uniform_noise"]["auroc"] >= 0.99
+
+
 def test_test_split_scores_match_the_manifest(shipped: TestClient, test_digits: np.ndarray) -> None:
     metrics = read_manifest(DEFAULT_MODEL_DIR).test_metrics
     elbo = np.mean([item["negative_elbo"] for item in score_all(shipped, test_digits, k=16, per_request=60)])
