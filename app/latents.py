@@ -39,11 +39,6 @@ def latents_array(rows: Sequence[Sequence[float]], latent_dim: int, what: str = 
     return latents
 
 
-def sample_latents(count: int, latent_dim: int, seed: int, temperature: float) -> np.ndarray:
-    """(count, L) float32 from N(0, T^2 I): default_rng(seed).standard_normal((count, L)) * T."""
-    return sample_standard(np.random.default_rng(seed), count, latent_dim, temperature).astype(np.float32)
-
-
 def available_priors(space: LatentSpace | None) -> list[str]:
     """The priors a model offers, its best (the default) first: the fitted mixture when it has one."""
     return ["gmm", "standard"] if space is not None and space.prior is not None else ["standard"]

@@ -13,7 +13,7 @@ from PIL import Image
 from app.cli import GIL_SWITCH_INTERVAL_SECONDS, YOUNG_GENERATION_THRESHOLD, tune_interpreter
 from app.errors import ImageTooLarge, InvalidLatents, NonFiniteValues
 from app.images import decode_images, encode_png_grid, encode_pngs, grid_shape, to_uint8
-from app.latents import interpolate, latents_array, reparameterize, sample_latents
+from app.latents import draw_latents, interpolate, latents_array, reparameterize
 from app.responses import wants_png
 
 
@@ -113,7 +113,8 @@ def test_latent_validation() -> None:
 
 def test_seeded_sampling_and_reparameterization() -> None:
     expected = (np.random.default_rng(3).standard_normal((2, 4)) * 0.5).astype(np.float32)
-    assert np.array_equal(sample_latents(2, 4, seed=3, temperature=0.5), expected)
+    latents, prior = draw_latents(None, 4, 2, seed=3, temperature=0.5)
+    assert prior == "standard" and np.array_equal(latents, expected)
     mean, log_var = np.ones((1, 4), np.float32), np.zeros((1, 4), np.float32)
     eps = np.random.default_rng(9).standard_normal((1, 4)).astype(np.float32)
     assert np.array_equal(reparameterize(mean, log_var, 9), mean + eps)
