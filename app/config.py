@@ -21,7 +21,7 @@ class Settings(BaseSettings):
         default=None,
         description=(
             "The service serves the model in this directory (encoder.onnx, decoder.onnx, manifest.json and, "
-            "when the manifest names it, latent_space.npz); "
+            "when the manifest names them, latent_space.npz and score_reference.npz); "
             "when it is unset, the shipped default model in model/default is served."
         ),
     )
