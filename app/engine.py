@@ -117,7 +117,6 @@ class Engine:
         self._decoder_outputs = [names.decoder_output]
         if names.decoder_logits is not None:
             self._decoder_outputs.append(names.decoder_logits)
-        self._decoder_graph_outputs = self._decoder_outputs
         self.latent_space: LatentSpace | None = None
         self.score_reference: ScoreReference | None = None
 
@@ -206,12 +205,10 @@ class Engine:
             return
         has_prior = self.latent_space is not None and self.latent_space.prior is not None
         if (LATENT_SCORE in self.score_reference.names) != has_prior:
+            calibrated, ships = ("without", "a") if has_prior else ("with", "no")
             raise StartupError(
-                "the score reference was calibrated "
-                + ("with" if not has_prior else "without")
-                + " the latent density test, but the model ships "
-                + ("no" if not has_prior else "a")
-                + " mixture prior; export the model again so both come from one run"
+                f"the score reference was calibrated {calibrated} the latent density test, but the model "
+                f"ships {ships} mixture prior; export the model again so both come from one run"
             )
 
     def check_graphs(self) -> None:
@@ -225,19 +222,19 @@ class Engine:
         _check_names("encoder inputs", [node.name for node in encoder_inputs], [names.encoder_input])
         _check_names("encoder outputs", list(encoder_outputs), self._encoder_outputs)
         _check_names("decoder inputs", [node.name for node in decoder_inputs], [names.decoder_input])
-        _check_names("decoder outputs", list(decoder_outputs), self._decoder_graph_outputs)
+        _check_names("decoder outputs", list(decoder_outputs), self._decoder_outputs)
         for what, node in (
             (f"encoder input {names.encoder_input!r}", encoder_inputs[0]),
             (f"decoder input {names.decoder_input!r}", decoder_inputs[0]),
             *((f"encoder output {name!r}", encoder_outputs[name]) for name in self._encoder_outputs),
-            *((f"decoder output {name!r}", decoder_outputs[name]) for name in self._decoder_graph_outputs),
+            *((f"decoder output {name!r}", decoder_outputs[name]) for name in self._decoder_outputs),
         ):
             _check_float32(what, node.type)
         _check_dims(f"encoder input {names.encoder_input!r}", encoder_inputs[0].shape, image_shape)
         for name in self._encoder_outputs:
             _check_dims(f"encoder output {name!r}", encoder_outputs[name].shape, (-1, latent_dim))
         _check_dims(f"decoder input {names.decoder_input!r}", decoder_inputs[0].shape, (-1, latent_dim))
-        for name in self._decoder_graph_outputs:
+        for name in self._decoder_outputs:
             _check_dims(f"decoder output {name!r}", decoder_outputs[name].shape, image_shape)
 
     def warm_up(self, batch_size: int) -> None:

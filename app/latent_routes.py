@@ -18,7 +18,7 @@ from app.config import Settings
 from app.engine import Engine
 from app.errors import InvalidRequest, LimitExceeded, NonFiniteValues
 from app.inputs import images_to_array, read_latent_or_image
-from app.latents import latents_array
+from app.latents import label_index, latents_array
 from app.responses import image_response
 from app.routes import IMAGE_RESPONSES, FormatQuery, serving, versioned
 from app.routing import QueryRoute
@@ -160,24 +160,17 @@ def _edit_direction(
             )
         return found.direction, {"attribute": attribute}
     assert to_label is not None
-    target = _label(space, to_label, "to_label")
+    target = label_index(space, to_label, "to_label")
     if from_label is None:
         probabilities = space.classify(latent[None].astype(np.float64))[0]
         source, inferred = int(probabilities.argmax()), True
     else:
-        source, inferred = _label(space, from_label, "from_label"), False
+        source, inferred = label_index(space, from_label, "from_label"), False
     direction = space.class_centroids[target] - space.class_centroids[source]
     details = {"to_label": to_label, "from_label": space.labels[source], "from_label_inferred": inferred}
     if inferred:
         details["from_label_probability"] = float(probabilities[source])
     return direction, details
-
-
-def _label(space: LatentSpace, label: str, what: str) -> int:
-    index = space.label_index(label)
-    if index is None:
-        raise InvalidRequest(f"{what} {label!r} is not one of this model's labels: {', '.join(space.labels)}")
-    return index
 
 
 @router.post(

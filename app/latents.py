@@ -39,6 +39,15 @@ def latents_array(rows: Sequence[Sequence[float]], latent_dim: int, what: str = 
     return latents
 
 
+def label_index(space: LatentSpace, label: str, what: str) -> int:
+    """The index of one of the model's labels; InvalidRequest listing them for any other (`what` names the
+    parameter)."""
+    index = space.label_index(label)
+    if index is None:
+        raise InvalidRequest(f"{what} {label!r} is not one of this model's labels: {', '.join(space.labels)}")
+    return index
+
+
 def available_priors(space: LatentSpace | None) -> list[str]:
     """The priors a model offers, its best (the default) first: the fitted mixture when it has one."""
     return ["gmm", "standard"] if space is not None and space.prior is not None else ["standard"]
@@ -65,11 +74,7 @@ def draw_latents(
             raise InvalidRequest("give prior or label, not both: label samples that label's own density")
         if space is None or not space.labels:
             raise InvalidRequest("this model was trained without labels, so label cannot be used")
-        index = space.label_index(label)
-        if index is None:
-            raise InvalidRequest(
-                f"label {label!r} is not one of this model's labels: {', '.join(space.labels)}"
-            )
+        index = label_index(space, label, "label")
         return space.class_densities[index].sample(rng, count, temperature).astype(np.float32), "label"
     offered = available_priors(space)
     chosen = prior or offered[0]

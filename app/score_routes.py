@@ -141,7 +141,7 @@ async def score(
                 f"the test split's reference scores used k={reference.samples}; negative_elbo's spread "
                 f"shrinks slightly as k grows, so percentiles at k={k} compare close but not like for like"
             )
-        if engine.score_reference is None:
+        if reference is None:
             notes.append(
                 "this model ships no score reference (score_reference.npz): percentile and anomalous are null"
             )
