@@ -99,6 +99,27 @@ def rgb_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _export(tmp_path_factory.mktemp("rgb-model"), RGB, "rgb-test")
 
 
+def rewrite_latent_space(
+    model_dir: Path, change: Callable[[dict[str, np.ndarray]], None], *, checksum: bool = True
+) -> None:
+    """Apply `change` to the arrays of model_dir's latent_space.npz in place and write them back; with
+    `checksum`, the manifest is updated to the new file's sha256 (otherwise it no longer matches)."""
+    import json
+
+    from model.latent_space import LATENT_SPACE_FILENAME
+    from model.manifest import sha256_of
+
+    path = model_dir / LATENT_SPACE_FILENAME
+    with np.load(path) as archive:
+        arrays = {name: archive[name] for name in archive.files}
+    change(arrays)
+    np.savez(path, **arrays)
+    if checksum:
+        manifest = json.loads((model_dir / "manifest.json").read_text())
+        manifest["files"]["latent_space"]["sha256"] = sha256_of(path)
+        (model_dir / "manifest.json").write_text(json.dumps(manifest))
+
+
 def settings_for(model_dir: Path, **overrides: Any) -> Settings:
     """Settings for tests: CPU, one onnxruntime thread, a small batch for quick warm-up."""
     values: dict[str, Any] = {

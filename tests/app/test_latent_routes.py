@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -24,8 +23,7 @@ from model.latent_space import (
     sample_standard,
     traversal,
 )
-from model.manifest import sha256_of
-from tests.app.conftest import DirectModel
+from tests.app.conftest import DirectModel, rewrite_latent_space
 
 LATENT_DIM = 16
 
@@ -170,16 +168,14 @@ def test_traverse_defaults_to_the_active_dims_highest_kl_first(
 ) -> None:
     """A description whose dims 9, 2 and 5 are active (KL 3 > 2 > 1): the default rows, in that order."""
     model_dir = Path(shutil.copytree(latent_model_dir, tmp_path / "model"))
-    with np.load(model_dir / LATENT_SPACE_FILENAME) as archive:
-        arrays = {name: archive[name] for name in archive.files}
-    arrays["test_mean_variance"] = np.zeros(LATENT_DIM)
-    arrays["test_kl_per_dim"] = np.zeros(LATENT_DIM)
-    for dim, kl in ((2, 2.0), (5, 1.0), (9, 3.0)):
-        arrays["test_mean_variance"][dim], arrays["test_kl_per_dim"][dim] = 0.5, kl
-    np.savez(model_dir / LATENT_SPACE_FILENAME, **arrays)
-    manifest = json.loads((model_dir / "manifest.json").read_text())
-    manifest["files"]["latent_space"]["sha256"] = sha256_of(model_dir / LATENT_SPACE_FILENAME)
-    (model_dir / "manifest.json").write_text(json.dumps(manifest))
+
+    def three_active_dims(arrays: dict[str, np.ndarray]) -> None:
+        arrays["test_mean_variance"] = np.zeros(LATENT_DIM)
+        arrays["test_kl_per_dim"] = np.zeros(LATENT_DIM)
+        for dim, kl in ((2, 2.0), (5, 1.0), (9, 3.0)):
+            arrays["test_mean_variance"][dim], arrays["test_kl_per_dim"][dim] = 0.5, kl
+
+    rewrite_latent_space(model_dir, three_active_dims)
     with TestClient(create_app(make_settings(model_dir)), raise_server_exceptions=False) as client:
         body = client.post("/traverse", json={"latent": [0.0] * LATENT_DIM}).json()
         assert body["dims"] == [9, 2, 5] and len(body["images"]) == 21

@@ -18,7 +18,7 @@ from app.engine import Engine, StartupError
 from app.main import create_app
 from model.latent_space import LATENT_SPACE_FILENAME
 from model.manifest import ManifestError, read_manifest, sha256_of
-from tests.app.conftest import settings_for
+from tests.app.conftest import rewrite_latent_space, settings_for
 
 
 def as_version_1(source: Path, target: Path) -> Path:
@@ -88,10 +88,9 @@ def test_version_2_decoder_must_have_the_logits_it_names(version_1_dir: Path, tm
 def test_the_latent_space_file_is_checksummed(latent_model_dir: Path, tmp_path: Path) -> None:
     tampered = tmp_path / "tampered"
     shutil.copytree(latent_model_dir, tampered)
-    with np.load(tampered / LATENT_SPACE_FILENAME) as archive:
-        arrays = {name: archive[name] for name in archive.files}
-    arrays["aggregate_std"] = arrays["aggregate_std"] * 2
-    np.savez(tampered / LATENT_SPACE_FILENAME, **arrays)
+    rewrite_latent_space(
+        tampered, lambda arrays: arrays.update(aggregate_std=arrays["aggregate_std"] * 2), checksum=False
+    )
     with pytest.raises(ManifestError, match=r"latent_space file latent_space\.npz has sha256"):
         Engine.load(settings_for(tampered))
     (tampered / LATENT_SPACE_FILENAME).unlink()
@@ -105,12 +104,6 @@ def test_a_latent_space_for_another_model_is_refused(latent_model_dir: Path, tmp
     """A file whose checksum matches but whose arrays do not fit the model: a clear start-up error."""
     mismatched = tmp_path / "mismatched"
     shutil.copytree(latent_model_dir, mismatched)
-    with np.load(mismatched / LATENT_SPACE_FILENAME) as archive:
-        arrays = {name: archive[name] for name in archive.files}
-    arrays["aggregate_std"] = arrays["aggregate_std"][:4]
-    np.savez(mismatched / LATENT_SPACE_FILENAME, **arrays)
-    manifest = json.loads((mismatched / "manifest.json").read_text())
-    manifest["files"]["latent_space"]["sha256"] = sha256_of(mismatched / LATENT_SPACE_FILENAME)
-    (mismatched / "manifest.json").write_text(json.dumps(manifest))
+    rewrite_latent_space(mismatched, lambda arrays: arrays.update(aggregate_std=arrays["aggregate_std"][:4]))
     with pytest.raises(StartupError, match="does not fit a model with 16 latents: aggregate_std"):
         Engine.load(settings_for(mismatched))
