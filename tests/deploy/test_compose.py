@@ -11,6 +11,8 @@ from typing import Any
 import pytest
 import yaml
 
+from app.config import Settings
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BASE = ["-f", "docker-compose.yml"]
 GPU = [*BASE, "-f", "docker-compose.gpu.yml"]
@@ -60,7 +62,10 @@ def test_default_stack() -> None:
     service = config["services"]["vae"]
     assert service["build"]["dockerfile"] == "Dockerfile"
     assert service["restart"] == "unless-stopped"
-    assert "/healthz" in " ".join(service["healthcheck"]["test"])
+    assert "healthcheck" not in service  # the image's HEALTHCHECK, which follows VAE_PORT, applies
+    # Docker's SIGKILL comes after the service's own drain (VAE_SHUTDOWN_GRACE_SECONDS) has had its time.
+    drain_seconds = Settings.model_fields["shutdown_grace_seconds"].default
+    assert service["stop_grace_period"] == "35s" and drain_seconds < 35
     assert any(_named(volume, "models") for volume in service["volumes"])
     assert "models" in config["volumes"]
     # Unset in the shell means unset in the container: the shipped model is served.
