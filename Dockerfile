@@ -1,6 +1,6 @@
 # The vae-service image: the REST service on onnxruntime, serving the shipped MNIST model by default.
 # No torch here: the builder turns the project into a wheel and the runtime installs it WITHOUT extras.
-# tests/deploy/test_image_install.py replays the builder's and runtime's pip steps of this file in a fresh venv.
+# tests/deploy/test_service_image.py builds this file unchanged (on a local base image) and runs the container.
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS builder

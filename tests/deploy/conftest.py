@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import pytest
 
@@ -208,19 +208,112 @@ def installed_script(name: str) -> str:
 # --- README tables -----------------------------------------------------------------------------------------
 
 
-def load_readme_tables() -> ModuleType:
-    """tests/deploy/readme_tables.py, which is also a script (`python tests/deploy/readme_tables.py`)."""
-    path = Path(__file__).with_name("readme_tables.py")
-    spec = importlib.util.spec_from_file_location("readme_tables", path)
+def load_sibling(name: str) -> ModuleType:
+    """A helper module next to this file (e.g. readme_tables, which is also a script), loaded once."""
+    module_name = f"tests_deploy_{name}"
+    if module_name in sys.modules:
+        return sys.modules[module_name]
+    spec = importlib.util.spec_from_file_location(module_name, Path(__file__).with_name(f"{name}.py"))
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
 
 @pytest.fixture(scope="session")
 def readme_tables() -> ModuleType:
-    return load_readme_tables()
+    return load_sibling("readme_tables")
+
+
+@pytest.fixture(scope="session")
+def dashboard_checks() -> ModuleType:
+    """tests/deploy/dashboard.py: the Grafana dashboard's queries, checked against a real Prometheus."""
+    return load_sibling("dashboard")
+
+
+# --- Containers --------------------------------------------------------------------------------------------
+
+
+def unavailable(reason: str) -> NoReturn:
+    """A real component is missing: a failure in CI, where it is required; elsewhere a skip saying why."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason} (required in CI)")
+    pytest.skip(reason)
+
+
+CONTAINER_REPORT = pytest.StashKey[list[str]]()
+
+
+@pytest.fixture(scope="session")
+def container_report(request: pytest.FixtureRequest) -> list[str]:
+    """Lines (image sizes, build times) printed in a `containers` section at the end of the run."""
+    return request.config.stash.setdefault(CONTAINER_REPORT, [])
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    report = config.stash.get(CONTAINER_REPORT, [])
+    if report:
+        terminalreporter.section("containers")
+        for line in report:
+            terminalreporter.write_line(line)
+
+
+@pytest.fixture(scope="session")
+def containers() -> ModuleType:
+    """tests/deploy/containers.py: the private engine, the stand-in base, `Container`, `PackageIndex`."""
+    return load_sibling("containers")
+
+
+@pytest.fixture(scope="session")
+def docker_engine() -> Iterator[Any]:
+    """A private dockerd for host networking only (tests/deploy/containers.py), stopped at the end."""
+    containers = load_sibling("containers")
+    try:
+        engine = containers.start_engine(containers.cache_dir() / "docker")
+    except containers.EngineUnavailable as reason:
+        unavailable(str(reason))
+    yield engine
+    engine.docker("image", "prune", "--force", check=False)  # superseded builds, not the cache
+    engine.stop()
+
+
+@pytest.fixture(scope="session")
+def standin_python_image(
+    docker_engine: Any, tmp_path_factory: pytest.TempPathFactory, container_report: list[str]
+) -> str:
+    """A local image in place of python:3.11-slim-bookworm, which no registry serves here."""
+    containers = load_sibling("containers")
+    started = time.monotonic()
+    try:
+        tag = str(containers.standin_python_image(docker_engine, tmp_path_factory.mktemp("standin")))
+    except containers.EngineUnavailable as reason:
+        unavailable(str(reason))
+    container_report.append(f"stand-in base {tag}: ready in {time.monotonic() - started:.0f} s")
+    return tag
+
+
+@dataclass
+class BuiltImage:
+    tag: str
+    build_seconds: float
+
+
+@pytest.fixture(scope="session")
+def service_image(docker_engine: Any, standin_python_image: str) -> BuiltImage:
+    """The repository's own Dockerfile, built unchanged on the stand-in base."""
+    tag = "vae-service:container-tests"
+    started = time.monotonic()
+    docker_engine.docker(
+        "build",
+        "--network=host",
+        f"--build-arg=PYTHON_IMAGE={standin_python_image}",
+        f"--tag={tag}",
+        "--file=Dockerfile",
+        str(REPO_ROOT),
+        timeout_seconds=900,
+    )
+    return BuiltImage(tag, time.monotonic() - started)
 
 
 @pytest.fixture(scope="session")
@@ -235,4 +328,5 @@ def deploy() -> Any:
         http_status=http_status,
         service_environment=service_environment,
         installed_script=installed_script,
+        unavailable=unavailable,
     )
