@@ -25,7 +25,12 @@ def hadolint() -> str:
 
 def test_every_dockerfile_is_checked() -> None:
     names = sorted(path.relative_to(REPO_ROOT).as_posix() for path in DOCKERFILES)
-    assert names == ["Dockerfile", "docker/Dockerfile.cuda", "docker/Dockerfile.train"]
+    assert names == [
+        "Dockerfile",
+        "docker/Dockerfile.cuda",
+        "docker/Dockerfile.prometheus",
+        "docker/Dockerfile.train",
+    ]
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda path: path.name)
