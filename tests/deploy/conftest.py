@@ -104,9 +104,19 @@ def dockerfiles() -> list[Path]:
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """count distinct free ports on 127.0.0.1 (all held open while they are picked)."""
+    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 def poll(
@@ -237,7 +247,7 @@ def dashboard_checks() -> ModuleType:
 
 def unavailable(reason: str) -> NoReturn:
     """A real component is missing: a failure in CI, where it is required; elsewhere a skip saying why."""
-    if os.environ.get("CI"):
+    if os.environ.get("CI", "").lower() not in ("", "0", "false", "no"):
         pytest.fail(f"{reason} (required in CI)")
     pytest.skip(reason)
 
@@ -261,7 +271,7 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
 
 @pytest.fixture(scope="session")
 def containers() -> ModuleType:
-    """tests/deploy/containers.py: the private engine, the stand-in base, `Container`, `PackageIndex`."""
+    """tests/deploy/containers.py: the private engine, the stand-in base, ServiceContainer, PackageIndex."""
     return load_sibling("containers")
 
 
@@ -273,9 +283,11 @@ def docker_engine() -> Iterator[Any]:
         engine = containers.start_engine(containers.cache_dir() / "docker")
     except containers.EngineUnavailable as reason:
         unavailable(str(reason))
-    yield engine
-    engine.docker("image", "prune", "--force", check=False)  # superseded builds, not the cache
-    engine.stop()
+    try:
+        yield engine
+        engine.docker("image", "prune", "--force", check=False)  # superseded builds, not the cache
+    finally:
+        engine.stop()
 
 
 @pytest.fixture(scope="session")
@@ -309,7 +321,7 @@ def service_image(docker_engine: Any, standin_python_image: str) -> BuiltImage:
         "--network=host",
         f"--build-arg=PYTHON_IMAGE={standin_python_image}",
         f"--tag={tag}",
-        "--file=Dockerfile",
+        f"--file={REPO_ROOT / 'Dockerfile'}",
         str(REPO_ROOT),
         timeout_seconds=900,
     )
@@ -324,6 +336,7 @@ def deploy() -> Any:
         parse_dockerfile=parse_dockerfile,
         dockerfiles=dockerfiles,
         free_port=free_port,
+        free_ports=free_ports,
         poll=poll,
         http_status=http_status,
         service_environment=service_environment,

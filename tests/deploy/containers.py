@@ -42,6 +42,8 @@ python3 -m venv /usr/local
 printf '[global]\\ncert = {IMAGE_CA_BUNDLE}\\n' > /etc/pip.conf
 /usr/local/bin/python -m pip --version
 apt-get clean
+: > /etc/resolv.conf
+: > /etc/hostname
 rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin /usr/share/doc/* /usr/share/man/* /usr/share/locale/* /tmp/*
 """
 IMAGE_CHANGES = (
@@ -72,6 +74,7 @@ class DockerEngine:
 
     @property
     def host(self) -> str:
+        """The DOCKER_HOST value of this engine's socket."""
         return f"unix://{self.state_dir / 'docker.sock'}"
 
     def environment(self, **extra: str) -> dict[str, str]:
@@ -91,10 +94,15 @@ class DockerEngine:
             check=False,
         )
         if check and result.returncode != 0:
-            raise AssertionError(f"docker {' '.join(arguments)} exited {result.returncode}:\n{result.stderr}")
+            # The legacy builder prints a failed step's own output (pip's error, say) on stdout.
+            raise AssertionError(
+                f"docker {' '.join(arguments)} exited {result.returncode}:\n"
+                f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+            )
         return result
 
     def log_tail(self, characters: int = 3000) -> str:
+        """The end of dockerd's own log, for failure messages."""
         return self.log_path.read_text(errors="replace")[-characters:]
 
     def stop(self) -> None:
@@ -130,13 +138,19 @@ def start_engine(data_root: Path) -> DockerEngine:
     # A short path of its own: unix socket paths are limited to about 100 characters.
     state_dir = Path(tempfile.mkdtemp(prefix="vae-dockerd-", dir="/tmp"))
     log_path = state_dir / "dockerd.log"
+    # An empty config of its own: nothing from the host's /etc/docker/daemon.json applies.
+    (state_dir / "daemon.json").write_text("{}\n")
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             [
                 "dockerd",
+                f"--config-file={state_dir / 'daemon.json'}",
                 "--bridge=none",
                 "--iptables=false",
                 "--ip-masq=false",
+                # Private even where a system containerd runs (dockerd would share its namespace).
+                "--containerd-namespace=vae-container-tests",
+                "--containerd-plugins-namespace=vae-container-tests-plugins",
                 f"--host=unix://{state_dir / 'docker.sock'}",
                 f"--data-root={data_root}",
                 f"--exec-root={state_dir / 'exec'}",
@@ -147,12 +161,16 @@ def start_engine(data_root: Path) -> DockerEngine:
         )
     engine = DockerEngine(process, state_dir, log_path)
     deadline = time.monotonic() + DAEMON_START_SECONDS
-    while engine.docker("version", check=False, timeout_seconds=10).returncode != 0:
-        if process.poll() is not None or time.monotonic() > deadline:
-            tail = engine.log_tail()
-            engine.stop()
-            raise EngineUnavailable(f"dockerd did not start (exit {process.returncode}):\n{tail}")
-        time.sleep(0.2)
+    try:
+        while engine.docker("version", check=False, timeout_seconds=10).returncode != 0:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise EngineUnavailable(
+                    f"dockerd did not start (exit {process.poll()}):\n{engine.log_tail()}"
+                )
+            time.sleep(0.2)
+    except BaseException:
+        engine.stop()
+        raise
     return engine
 
 
@@ -176,17 +194,34 @@ def standin_python_image(engine: DockerEngine, work_dir: Path) -> str:
     if shutil.which("debootstrap") is None:
         raise EngineUnavailable("debootstrap is not installed (Debian: apt-get install debootstrap)")
     root = work_dir / "rootfs"
-    bootstrap = subprocess.run(
-        ["debootstrap", "--variant=minbase", f"--include={','.join(PACKAGES)}", SUITE, str(root), MIRROR],
+    try:
+        bootstrap = subprocess.run(
+            ["debootstrap", "--variant=minbase", f"--include={','.join(PACKAGES)}", SUITE, str(root), MIRROR],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=900,
+        )
+    finally:
+        # debootstrap mounts /proc and /sys in the tree and unmounts them only when it exits normally.
+        for mount_point in mounts_under(root):
+            subprocess.run(["umount", "--lazy", mount_point], capture_output=True, check=False)
+    if bootstrap.returncode != 0:
+        output = f"{bootstrap.stdout[-2000:]}\n{bootstrap.stderr[-2000:]}"
+        raise AssertionError(f"debootstrap failed ({bootstrap.returncode}):\n{output}")
+    shutil.copyfile(ca_bundle, root / IMAGE_CA_BUNDLE.lstrip("/"))
+    customized = subprocess.run(
+        ["chroot", str(root), "/bin/sh", "-c", CUSTOMIZE],
+        env={
+            "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+            "LANG": "C.UTF-8",
+        },  # none of the host's PIP_* or PYTHON*
         capture_output=True,
         text=True,
+        timeout=300,
         check=False,
-        timeout=900,
     )
-    if bootstrap.returncode != 0:
-        raise AssertionError(f"debootstrap failed ({bootstrap.returncode}):\n{bootstrap.stdout[-3000:]}")
-    shutil.copyfile(ca_bundle, root / IMAGE_CA_BUNDLE.lstrip("/"))
-    subprocess.run(["chroot", str(root), "/bin/sh", "-c", CUSTOMIZE], capture_output=True, check=True)
+    assert customized.returncode == 0, f"customizing the stand-in failed:\n{customized.stderr[-3000:]}"
     changes = [flag for change in IMAGE_CHANGES for flag in ("--change", change)]
     tar = subprocess.Popen(["tar", "--numeric-owner", "-C", str(root), "-c", "."], stdout=subprocess.PIPE)
     imported = subprocess.run(
@@ -209,7 +244,7 @@ def standin_python_image(engine: DockerEngine, work_dir: Path) -> str:
     return tag
 
 
-class Container:
+class ServiceContainer:
     """One `docker run -d --network host` of the service image, on 127.0.0.1 and a free port."""
 
     def __init__(self, engine: Any, image: str, port: int, *run_options: str) -> None:
@@ -217,7 +252,7 @@ class Container:
         self.port = port
         self.base_url = f"http://127.0.0.1:{port}"
         self.name = f"vae-container-test-{port}"
-        engine.docker(
+        started = engine.docker(
             "run",
             "--detach",
             "--network=host",
@@ -226,7 +261,11 @@ class Container:
             f"--env=VAE_PORT={port}",
             *run_options,
             image,
+            check=False,
         )
+        if started.returncode != 0:
+            self.remove()  # a container created but not started
+            raise AssertionError(f"docker run {image} failed:\n{started.stderr}")
 
     def inspect(self, template: str) -> str:
         return str(self.engine.docker("inspect", f"--format={template}", self.name).stdout.strip())

@@ -8,7 +8,9 @@ PEP 503 index on 127.0.0.1 and passed as TORCH_INDEX_URL. Everything else comes 
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -54,21 +56,27 @@ def torch_version() -> str:
 
 def cpu_torch_wheels(containers: ModuleType, deploy: Any) -> Path:
     """The CPU build of torch and its dependencies as wheels, from whatever index pip on this host has."""
-    wheel_dir = containers.cache_dir() / "wheels" / f"torch-{torch_version()}-cpu"
-    if not any(wheel_dir.glob("torch-*+cpu-*.whl")):
-        # `+cpu` pins the CPU build: PyPI's plain torch would pull gigabytes of CUDA libraries.
-        pip = [sys.executable, "-m", "pip", "download", "--only-binary=:all:", f"--dest={wheel_dir}"]
-        download = subprocess.run(
-            [*pip, f"torch=={torch_version()}+cpu"],
-            capture_output=True,
-            text=True,
-            timeout=900,
-            check=False,
+    wheel_dir = containers.cache_dir() / "wheels" / f"torch-{torch_version()}-cpu-cp311"
+    if wheel_dir.is_dir():
+        return wheel_dir
+    partial = wheel_dir.with_name(wheel_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    # For the image's Python (3.11), whatever the host's; `+cpu` pins the CPU build (PyPI's plain torch
+    # would pull gigabytes of CUDA libraries).
+    pip = [sys.executable, "-m", "pip", "download", "--only-binary=:all:", f"--dest={partial}"]
+    target = ["--python-version=3.11", "--implementation=cp", "--abi=cp311"]
+    download = subprocess.run(
+        [*pip, *target, f"torch=={torch_version()}+cpu"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    if download.returncode != 0:
+        deploy.unavailable(
+            f"pip finds no CPU build of torch {torch_version()} here:\n{download.stderr[-1500:]}"
         )
-        if download.returncode != 0:
-            deploy.unavailable(
-                f"pip finds no CPU build of torch {torch_version()} here:\n{download.stderr[-1500:]}"
-            )
+    partial.rename(wheel_dir)  # complete downloads only
     return wheel_dir
 
 
@@ -132,16 +140,20 @@ def test_training_image_trains_and_exports_a_model_the_service_image_serves(
     models.mkdir()
     models.chmod(0o777)  # written by the image's unprivileged user
     started = time.monotonic()
-    trained = docker_engine.docker(
-        "run",
-        "--rm",
-        "--network=host",
-        f"--volume={models}:/models",
-        train_image,
-        *SHORT_RUN,
-        timeout_seconds=900,
-        check=False,
-    )
+    name = f"vae-container-test-training-{os.getpid()}"
+    try:
+        trained = docker_engine.docker(
+            "run",
+            f"--name={name}",
+            "--network=host",
+            f"--volume={models}:/models",
+            train_image,
+            *SHORT_RUN,
+            timeout_seconds=900,
+            check=False,
+        )
+    finally:
+        docker_engine.docker("rm", "--force", name, check=False)  # also when the client timed out
     assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-3000:]
     container_report.append(
         f"training image: one short epoch, evaluated and exported in {time.monotonic() - started:.0f} s"
@@ -159,7 +171,7 @@ def test_training_image_trains_and_exports_a_model_the_service_image_serves(
     }
 
     # The model a training container wrote, served read-only by the service image: README's Docker workflow.
-    served = containers.Container(
+    served = containers.ServiceContainer(
         docker_engine,
         service_image.tag,
         deploy.free_port(),
