@@ -291,6 +291,11 @@ class ServiceContainer:
         self.engine.docker("rm", "--force", self.name, check=False)
 
 
+def serve_model_dir(model_dir: Path, name: str) -> tuple[str, str]:
+    """`docker run` options that mount a model directory read-only at /models/<name> and serve it."""
+    return f"--volume={model_dir}:/models/{name}:ro", f"--env=VAE_MODEL_DIR=/models/{name}"
+
+
 class PackageIndex:
     """A PEP 503 simple index of a folder of wheels on 127.0.0.1, for `docker build --network host`.
 

@@ -145,8 +145,7 @@ def test_serves_a_read_only_mounted_model_and_stops_on_sigterm(
         docker_engine,
         service_image.tag,
         deploy.free_port(),
-        f"--volume={model_dir}:/models/mounted:ro",
-        "--env=VAE_MODEL_DIR=/models/mounted",
+        *containers.serve_model_dir(model_dir, "mounted"),
     )
     try:
         mounted.wait_until_ready(deploy)
