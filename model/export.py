@@ -9,6 +9,7 @@ returns the images and, as a second output, their pre-sigmoid logits (for exact 
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import shutil
 import tempfile
@@ -35,6 +36,7 @@ from model.manifest import (
     sha256_of,
     write_manifest,
 )
+from model.pca import Autoencoder
 from model.scores import SCORE_REFERENCE_FILENAME, ScoreReference
 from model.vae import VAE, VaeConfig
 
@@ -49,6 +51,17 @@ _TENSORS = TensorNames(decoder_logits=DECODER_LOGITS)
 _BATCH_DIM_NAME = "batch"
 
 
+class _SkipTorchvisionNotice(logging.Filter):
+    """torch.onnx's op registry logs one "torchvision is not installed" warning per torchvision op it skips;
+    these models use no torchvision op, so the notices are noise in every export's log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("torchvision is not installed")
+
+
+logging.getLogger("torch.onnx._internal.exporter._registration").addFilter(_SkipTorchvisionNotice())
+
+
 class ExportError(Exception):
     """The exported ONNX graphs are invalid or do not reproduce the PyTorch model."""
 
@@ -56,7 +69,7 @@ class ExportError(Exception):
 class _EncoderGraph(nn.Module):
     """What encoder.onnx computes: images (N, C, H, W) in [0, 1] -> mean, log_var (N, latent_dim)."""
 
-    def __init__(self, vae: VAE) -> None:
+    def __init__(self, vae: Autoencoder) -> None:
         super().__init__()
         self.vae = vae
 
@@ -69,7 +82,7 @@ class _DecoderGraph(nn.Module):
     the logits they come from.
     """
 
-    def __init__(self, vae: VAE) -> None:
+    def __init__(self, vae: Autoencoder) -> None:
         super().__init__()
         self.vae = vae
 
@@ -112,7 +125,9 @@ def _max_abs_diff(actual: np.ndarray, expected: Tensor) -> float:
     return float(np.max(np.abs(actual - expected.numpy())))
 
 
-def check_parity(vae: VAE, encoder_path: Path, decoder_path: Path, *, seed: int = 0) -> dict[str, float]:
+def check_parity(
+    vae: Autoencoder, encoder_path: Path, decoder_path: Path, *, seed: int = 0
+) -> dict[str, float]:
     """Run both graphs on onnxruntime and PyTorch at PARITY_BATCH_SIZES; returns the worst max-abs diffs.
 
     Raises ExportError naming the output and the measured diff when one exceeds PARITY_TOLERANCE.
@@ -158,7 +173,7 @@ def check_parity(vae: VAE, encoder_path: Path, decoder_path: Path, *, seed: int 
 
 
 def export_model(
-    vae: VAE,
+    vae: Autoencoder,
     out_dir: Path,
     *,
     name: str,
@@ -172,6 +187,8 @@ def export_model(
     score_reference: ScoreReference | None = None,
     anomaly_detection: dict[str, Any] | None = None,
     observation_std: float | None = None,
+    model_kind: Literal["vae", "ae", "pca"] = "vae",
+    quality_warnings: tuple[str, ...] = (),
 ) -> Manifest:
     """Write encoder.onnx, decoder.onnx, manifest.json (and latent_space.npz, score_reference.npz when given)
     to out_dir after a parity check; returns the manifest. observation_std: a gaussian likelihood's std.
@@ -247,6 +264,8 @@ def export_model(
             ),
             sample_quality=sample_quality,
             anomaly_detection=anomaly_detection,
+            model_kind=model_kind,
+            quality_warnings=quality_warnings,
         )
         # Drop any previous manifest first, so a crash mid-move never leaves one naming the wrong files.
         (out_dir / MANIFEST_FILENAME).unlink(missing_ok=True)

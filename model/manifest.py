@@ -107,6 +107,12 @@ class Manifest(_Strict):
     sample_quality: dict[str, Any] | None = None
     # The anomaly score's AUROC against synthetic out-of-distribution sets (training/anomaly.py).
     anomaly_detection: dict[str, Any] | None = None
+    # The kind of encoder-decoder (vae-train --model): a VAE, a deterministic autoencoder, or PCA. The last
+    # two encode an image to a point: their log_var is a constant floor, not a learned uncertainty.
+    model_kind: Literal["vae", "ae", "pca"] = "vae"
+    # Why vae-train judged the model weak (no active latent unit, no better than PCA). Such a model is only
+    # exported with --allow-weak-model, and the service logs these when it loads it.
+    quality_warnings: tuple[str, ...] = ()
 
 
 def sha256_of(path: Path) -> str:

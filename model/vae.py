@@ -28,6 +28,8 @@ class VaeConfig:
     hidden_dim: int = 256  # fully-connected layer between the conv stack and the latents
     log_var_min: float = -12.0  # the encoder's log_var is smoothly clamped to [log_var_min, log_var_max]
     log_var_max: float = 8.0
+    # A plain autoencoder: z is the encoder's mean, log_var is fixed at log_var_min (a point, std 0.0025).
+    deterministic: bool = False
 
     def __post_init__(self) -> None:
         # Accept lists (from JSON/TOML) but store tuples so the config stays hashable and comparable.
@@ -168,6 +170,8 @@ class VAE(nn.Module):
                 f"got {tuple(images.shape)}"
             )
         mean, raw_log_var = self.encoder_head(self.encoder_convs(images)).chunk(2, dim=1)
+        if self.config.deterministic:
+            return mean, torch.full_like(mean, self.config.log_var_min)
         return mean, soft_clamp(raw_log_var, self.config.log_var_min, self.config.log_var_max)
 
     def decode(self, latents: Tensor) -> Tensor:
@@ -177,5 +181,5 @@ class VAE(nn.Module):
     def forward(self, images: Tensor, generator: torch.Generator | None = None) -> VaeOutput:
         """Encode, sample z with the reparameterization trick, decode: see VaeOutput for shapes."""
         mean, log_var = self.encode(images)
-        z = reparameterize(mean, log_var, generator)
+        z = mean if self.config.deterministic else reparameterize(mean, log_var, generator)
         return VaeOutput(logits=self.decode(z), mean=mean, log_var=log_var, z=z)

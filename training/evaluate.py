@@ -15,7 +15,8 @@ import torch
 from torch import Tensor
 
 from model.loss import Likelihood, gaussian_kl, reconstruction_nll
-from model.vae import VAE, reparameterize
+from model.pca import Autoencoder
+from model.vae import reparameterize
 
 ACTIVE_UNIT_THRESHOLD = 0.01
 _BATCH_SIZE = 250
@@ -27,14 +28,20 @@ def _batches(images: np.ndarray, batch_size: int = _BATCH_SIZE) -> list[Tensor]:
 
 
 @torch.no_grad()
-def posterior_means(vae: VAE, images: np.ndarray) -> np.ndarray:
+def posteriors(vae: Autoencoder, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """q(z | x)'s mean and log_var for each image: (N, C, H, W) -> two (N, latent_dim) float32 arrays."""
+    encoded = [vae.encode(batch) for batch in _batches(images)]
+    return torch.cat([mean for mean, _ in encoded]).numpy(), torch.cat([lv for _, lv in encoded]).numpy()
+
+
+def posterior_means(vae: Autoencoder, images: np.ndarray) -> np.ndarray:
     """E_q[z | x] for each image: (N, C, H, W) -> (N, latent_dim) float32."""
-    return torch.cat([vae.encode(batch)[0] for batch in _batches(images)]).numpy()
+    return posteriors(vae, images)[0]
 
 
 @torch.no_grad()
 def negative_elbo(
-    vae: VAE,
+    vae: Autoencoder,
     images: np.ndarray,
     *,
     samples: int,
@@ -61,7 +68,7 @@ def negative_elbo(
 
 @torch.no_grad()
 def iwae_negative_bound(
-    vae: VAE,
+    vae: Autoencoder,
     images: np.ndarray,
     *,
     samples: int,
@@ -88,7 +95,7 @@ def iwae_negative_bound(
 
 
 @torch.no_grad()
-def reconstruction_mse(vae: VAE, images: np.ndarray) -> float:
+def reconstruction_mse(vae: Autoencoder, images: np.ndarray) -> float:
     """MSE per pixel between images (N, C, H, W) and sigmoid(decode(posterior mean))."""
     squared_error = 0.0
     for batch in _batches(images):
@@ -119,7 +126,7 @@ def pca_mse(train_images: np.ndarray, test_images: np.ndarray, components: int) 
 
 
 def evaluate(
-    vae: VAE,
+    vae: Autoencoder,
     test_images: np.ndarray,
     train_images: np.ndarray,
     *,
@@ -157,3 +164,17 @@ def evaluate(
             generator=generator,
         )
     return metrics
+
+
+def weak_model_reasons(test_metrics: dict[str, float], model_kind: str) -> list[str]:
+    """Why a trained model should not be served as it is: no active latent unit (posterior collapse, every
+    image decodes to the same blob), or reconstructions no better than PCA's with as many components."""
+    reasons = []
+    if test_metrics["active_units"] == 0:
+        reasons.append("no active latent unit: the posterior collapsed onto the prior")
+    if model_kind != "pca" and test_metrics["reconstruction_mse"] >= test_metrics["pca_mse"]:
+        reasons.append(
+            f"reconstruction MSE {test_metrics['reconstruction_mse']:.4f} is not below PCA's "
+            f"{test_metrics['pca_mse']:.4f} with as many components"
+        )
+    return reasons

@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from model.vae import VAE
+from model.pca import Autoencoder
 from training.evaluate import posterior_means
 
 
@@ -37,7 +37,7 @@ def _save_picture(picture: np.ndarray, path: Path, title: str) -> None:
 
 
 @torch.no_grad()
-def _decode(vae: VAE, latents: torch.Tensor) -> np.ndarray:
+def _decode(vae: Autoencoder, latents: torch.Tensor) -> np.ndarray:
     """(N, latent_dim) -> (N, C, H, W) pixel means in [0, 1]."""
     return torch.sigmoid(vae.decode(latents)).numpy()
 
@@ -62,13 +62,13 @@ def plot_loss_curves(history: Sequence[dict[str, float]], path: Path) -> None:
     plt.close(figure)
 
 
-def plot_prior_samples(vae: VAE, path: Path, *, rows: int = 8, seed: int = 0) -> None:
+def plot_prior_samples(vae: Autoencoder, path: Path, *, rows: int = 8, seed: int = 0) -> None:
     """A rows x rows grid of decoded z ~ N(0, I)."""
     latents = torch.randn((rows * rows, vae.config.latent_dim), generator=torch.Generator().manual_seed(seed))
     _save_picture(_tile(_decode(vae, latents), rows, rows), path, "samples from the prior")
 
 
-def plot_reconstructions(vae: VAE, images: np.ndarray, path: Path, *, count: int = 16) -> None:
+def plot_reconstructions(vae: Autoencoder, images: np.ndarray, path: Path, *, count: int = 16) -> None:
     """Test images (odd rows) above their reconstructions from the posterior mean (even rows).
 
     The images are spread evenly over the split, so a class-sorted split shows every class.
@@ -91,7 +91,9 @@ def plot_reconstructions(vae: VAE, images: np.ndarray, path: Path, *, count: int
     _save_picture(picture, path, "test images (odd rows) and reconstructions (even rows)")
 
 
-def plot_interpolation(vae: VAE, images: np.ndarray, path: Path, *, pairs: int = 4, steps: int = 10) -> None:
+def plot_interpolation(
+    vae: Autoencoder, images: np.ndarray, path: Path, *, pairs: int = 4, steps: int = 10
+) -> None:
     """Decoded straight lines between posterior means of pairs of test images, one strip per pair."""
     pairs = min(pairs, len(images) // 2)
     chosen = np.linspace(0, len(images) - 1, 2 * pairs).astype(int)  # different classes if sorted
@@ -104,15 +106,19 @@ def plot_interpolation(vae: VAE, images: np.ndarray, path: Path, *, pairs: int =
     )
 
 
-def plot_latent_projection(vae: VAE, images: np.ndarray, labels: np.ndarray | None, path: Path) -> None:
+def plot_latent_projection(
+    vae: Autoencoder, images: np.ndarray, labels: np.ndarray | None, path: Path
+) -> None:
     """Test posterior means projected on their first two principal components, coloured by label."""
     means = posterior_means(vae, images).astype(np.float64)
     centred = means - means.mean(axis=0)
     _, _, right_vectors = np.linalg.svd(centred, full_matrices=False)
     projected = centred @ right_vectors[:2].T
     figure, axes = plt.subplots(figsize=(6, 5))
-    colours = labels if labels is not None else "tab:blue"
-    scatter = axes.scatter(projected[:, 0], projected[:, 1], c=colours, cmap="tab10", s=8)
+    if labels is None:
+        scatter = axes.scatter(projected[:, 0], projected[:, 1], c="tab:blue", s=8)
+    else:
+        scatter = axes.scatter(projected[:, 0], projected[:, 1], c=labels, cmap="tab10", s=8)
     if labels is not None:
         figure.colorbar(scatter, ax=axes, label="label")
     axes.set_xlabel("PC 1 of E[z|x]")
@@ -124,7 +130,7 @@ def plot_latent_projection(vae: VAE, images: np.ndarray, labels: np.ndarray | No
 
 
 def save_all_plots(
-    vae: VAE,
+    vae: Autoencoder,
     history: Sequence[dict[str, float]],
     test_images: np.ndarray,
     test_labels: np.ndarray | None,

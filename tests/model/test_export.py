@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -239,3 +240,15 @@ def test_the_latent_space_file_is_written_checksummed_and_replaced(
     assert loaded.prior is not None and loaded.prior.components == 1
     assert export().files.latent_space is None
     assert not (tmp_path / LATENT_SPACE_FILENAME).exists()
+
+
+def test_torchvision_notices_are_dropped_at_their_source(caplog: pytest.LogCaptureFixture) -> None:
+    # torch.onnx's registry logs these once per process, on the first export, whoever triggers it.
+    registry = logging.getLogger("torch.onnx._internal.exporter._registration")
+    registry.addHandler(caplog.handler)  # torch's loggers need not propagate to the root
+    try:
+        registry.warning("torchvision is not installed. Skipping %s", "torchvision::nms")
+        registry.warning("some other registry warning")
+    finally:
+        registry.removeHandler(caplog.handler)
+    assert [record.getMessage() for record in caplog.records] == ["some other registry warning"]
