@@ -196,6 +196,8 @@ class Engine:
             settings.execution_provider,
             ", ".join(ort.get_available_providers()),
         )
+        for warning in manifest.quality_warnings:  # exported with vae-train --allow-weak-model
+            logger.warning("model %s is weak: %s", manifest.name, warning)
         return engine
 
     def check_score_reference(self) -> None:

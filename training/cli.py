@@ -21,12 +21,12 @@ import torch
 from model.export import export_model
 from model.latent_space import LatentSpace
 from model.manifest import Manifest, TrainingData
+from model.pca import PCA, Autoencoder
 from model.scores import ScoreReference, calibrated_reference
-from model.vae import VAE
 from training.anomaly import REFERENCE_SAMPLES, LogitsFunction, anomaly_report, score_split, synthetic_sets
-from training.config import ConfigError, TrainConfig, load_config, read_toml
+from training.config import FIELD_HELP, ConfigError, TrainConfig, load_config, read_toml, resolve_schedule
 from training.data import DatasetError, DataSplits, load_dataset
-from training.evaluate import evaluate
+from training.evaluate import evaluate, weak_model_reasons
 from training.latent_space import DecodeFunction, EncodeFunction, fit_latent_space
 from training.plots import save_all_plots
 from training.sample_quality import sample_quality, train_judge
@@ -36,9 +36,19 @@ from training.train import (
     load_checkpoint,
     model_from_checkpoint,
     save_checkpoint,
+    vae_config_for,
 )
 
 TEST_METRICS_FILENAME = "test_metrics.json"
+# vae-train's exit status when the model is weak and --allow-weak-model was not given (argparse uses 2).
+WEAK_MODEL_EXIT = 3
+WEAK_MODEL_ADVICE = """\
+Not exported: this model would serve poorly. What usually helps, in this order:
+  - more updates: a larger --epochs (small datasets need many short epochs), or leave it unset
+  - --free-bits 0.1 to 0.5 keeps latent dimensions from collapsing onto the prior
+  - a longer --kl-warmup-epochs lets the decoder learn to use z before the KL term weighs in full
+  - a smaller --latent-dim, or more images
+Export it anyway with --allow-weak-model (its manifest lists these warnings)."""
 
 
 def _parse_tuple(text: str) -> tuple[int, ...]:
@@ -53,19 +63,25 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         flag = "--" + config_field.name.replace("_", "-")
         hint = hints[config_field.name]
         arguments = typing.get_args(hint)
+        default = config_field.default
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        description = FIELD_HELP[config_field.name]
+        if "default:" not in description:
+            description += f" (default: {'all' if shown is None else shown})"
+        help_text = description.replace("%", "%%")
         if hint is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
             continue
         if typing.get_origin(hint) is tuple:
             parse: Any = _parse_tuple
         elif typing.get_origin(hint) is typing.Literal:
-            group.add_argument(flag, choices=arguments, default=None)
+            group.add_argument(flag, choices=arguments, default=None, help=help_text)
             continue
         elif isinstance(hint, types.UnionType):  # int | None
             parse = next(a for a in arguments if a is not type(None))
         else:
             parse = hint
-        group.add_argument(flag, type=parse, default=None, metavar=config_field.name.upper())
+        group.add_argument(flag, type=parse, default=None, metavar=config_field.name.upper(), help=help_text)
 
 
 def _given_flags(arguments: argparse.Namespace) -> dict[str, Any]:
@@ -90,7 +106,7 @@ def _training_data(dataset: dict[str, Any]) -> TrainingData:
     return TrainingData(**dataset)
 
 
-def _evaluate_test_split(vae: VAE, config: TrainConfig, splits: DataSplits) -> dict[str, float]:
+def _evaluate_test_split(vae: Autoencoder, config: TrainConfig, splits: DataSplits) -> dict[str, float]:
     """The manifest's test metrics: the VAE on the test split, PCA fitted on the train split as baseline."""
     return evaluate(
         vae,
@@ -104,7 +120,7 @@ def _evaluate_test_split(vae: VAE, config: TrainConfig, splits: DataSplits) -> d
     )
 
 
-def numpy_functions(vae: VAE) -> tuple[EncodeFunction, DecodeFunction]:
+def numpy_functions(vae: Autoencoder) -> tuple[EncodeFunction, DecodeFunction]:
     """The VAE's encoder and decoder as numpy functions, as the exported graphs compute them."""
 
     @torch.no_grad()
@@ -119,7 +135,7 @@ def numpy_functions(vae: VAE) -> tuple[EncodeFunction, DecodeFunction]:
     return encode, decode
 
 
-def numpy_logits(vae: VAE) -> LogitsFunction:
+def numpy_logits(vae: Autoencoder) -> LogitsFunction:
     """The decoder's logits as a numpy function (the exported graph's second output)."""
 
     @torch.no_grad()
@@ -130,7 +146,7 @@ def numpy_logits(vae: VAE) -> LogitsFunction:
 
 
 def calibrate_scores(
-    vae: VAE, config: TrainConfig, splits: DataSplits, space: LatentSpace | None
+    vae: Autoencoder, config: TrainConfig, splits: DataSplits, space: LatentSpace | None
 ) -> tuple[ScoreReference, dict[str, Any]]:
     """The test split's score quantiles for POST /score, and the anomaly verdict's AUROC against synthetic
     out-of-distribution sets (training/anomaly.py)."""
@@ -156,7 +172,7 @@ def calibrate_scores(
 
 
 def describe_latent_space(
-    vae: VAE, config: TrainConfig, splits: DataSplits
+    vae: Autoencoder, config: TrainConfig, splits: DataSplits
 ) -> tuple[LatentSpace | None, dict[str, Any] | None]:
     """The latent-space description to export (None when switched off) and, for labelled data with
     judge_epochs > 0, its sample-quality table.
@@ -205,6 +221,10 @@ def train_main(argv: list[str] | None = None) -> int:
         splits = load_dataset(config)
     except (ConfigError, DatasetError) as error:
         parser.error(str(error))
+    # What runs, recorded as such: the chosen schedule and the validation split's real size.
+    config = dataclasses.replace(
+        resolve_schedule(config, len(splits.train)), validation_size=len(splits.validation)
+    )
     run_dir: Path = arguments.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
@@ -213,6 +233,58 @@ def train_main(argv: list[str] | None = None) -> int:
         f"test {len(splits.test)}, skipped unreadable files {splits.skipped_files}",
         file=sys.stderr,
     )
+    if config.model == "pca":
+        model: Autoencoder = PCA.fit(splits.train.images, vae_config_for(config))
+        history: list[dict[str, float]] = []
+        print(f"PCA: {config.latent_dim} components fitted in closed form", file=sys.stderr)
+    else:
+        model, history = _train(arguments, parser, config, splits, run_dir)
+    test_metrics = _evaluate_test_split(model, config, splits)
+    (run_dir / TEST_METRICS_FILENAME).write_text(json.dumps(test_metrics, indent=2) + "\n")
+    if config.model != "pca":
+        checkpoint = load_checkpoint(run_dir / CHECKPOINT_FILENAME)
+        save_checkpoint(run_dir / CHECKPOINT_FILENAME, {**checkpoint, "test_metrics": test_metrics})
+    save_all_plots(model, history, splits.test.images, splits.test.labels, run_dir)
+
+    warnings = weak_model_reasons(test_metrics, config.model)
+    for warning in warnings:
+        print(f"WEAK MODEL: {warning}", file=sys.stderr)
+    if warnings and not config.allow_weak_model:
+        print(WEAK_MODEL_ADVICE, file=sys.stderr)
+        return WEAK_MODEL_EXIT
+
+    latent_space, quality = describe_latent_space(model, config, splits)
+    reference, anomaly = calibrate_scores(model, config, splits, latent_space)
+    export_dir = arguments.export_dir or run_dir / "model"
+    manifest = export_model(
+        model,
+        export_dir,
+        name=config.model_name,
+        version=config.model_version,
+        likelihood=config.likelihood,
+        training_data=_training_data(splits.sizes()),
+        test_metrics=test_metrics,
+        latent_space=latent_space,
+        sample_quality=quality,
+        score_reference=reference,
+        anomaly_detection=anomaly,
+        observation_std=config.gaussian_std,
+        model_kind=config.model,
+        quality_warnings=tuple(warnings),
+    )
+    _report(manifest, export_dir)
+    return 0
+
+
+def _train(
+    arguments: argparse.Namespace,
+    parser: argparse.ArgumentParser,
+    config: TrainConfig,
+    splits: DataSplits,
+    run_dir: Path,
+) -> tuple[Autoencoder, list[dict[str, float]]]:
+    """Train (or resume) a VAE or an autoencoder; returns it with its best weights in eval mode, and the
+    per-epoch history."""
     trainer = Trainer(config, splits, run_dir)
     if arguments.resume and trainer.checkpoint_path.is_file():
         try:
@@ -220,42 +292,21 @@ def train_main(argv: list[str] | None = None) -> int:
         except ConfigError as error:
             parser.error(str(error))
         print(f"resumed from epoch {trainer.state.epochs_done}", file=sys.stderr)
+    warmup = "" if config.model == "ae" else f"KL warm-up {trainer.kl_warmup_epochs} epochs, "
+    print(
+        f"training a {config.model} for up to {trainer.epochs} epochs of {trainer.steps_per_epoch} updates "
+        f"({warmup}early stopping after {trainer.patience} epochs without improvement)",
+        file=sys.stderr,
+    )
     state = trainer.fit()
     print(
-        f"best validation negative ELBO {state.best_validation_negative_elbo:.3f} "
+        f"best {trainer.selection_metric} {state.best_validation_negative_elbo:.3f} "
         f"at epoch {state.best_epoch}",
         file=sys.stderr,
     )
-
-    vae = trainer.model
-    vae.load_state_dict(state.best_model_state)
-    vae.eval()
-    test_metrics = _evaluate_test_split(vae, config, splits)
-    (run_dir / TEST_METRICS_FILENAME).write_text(json.dumps(test_metrics, indent=2) + "\n")
-    payload = trainer.checkpoint_payload()
-    payload["test_metrics"] = test_metrics
-    save_checkpoint(trainer.checkpoint_path, payload)
-    save_all_plots(vae, state.history, splits.test.images, splits.test.labels, run_dir)
-
-    latent_space, quality = describe_latent_space(vae, config, splits)
-    reference, anomaly = calibrate_scores(vae, config, splits, latent_space)
-    export_dir = arguments.export_dir or run_dir / "model"
-    manifest = export_model(
-        vae,
-        export_dir,
-        name=config.model_name,
-        version=config.model_version,
-        likelihood=config.likelihood,
-        training_data=_training_data(payload["dataset"]),
-        test_metrics=test_metrics,
-        latent_space=latent_space,
-        sample_quality=quality,
-        score_reference=reference,
-        anomaly_detection=anomaly,
-        observation_std=config.gaussian_std,
-    )
-    _report(manifest, export_dir)
-    return 0
+    model = trainer.model
+    model.load_state_dict(state.best_model_state)
+    return model.eval(), state.history
 
 
 def _report(manifest: Manifest, export_dir: Path) -> None:
@@ -311,6 +362,7 @@ def export_main(argv: list[str] | None = None) -> int:
         score_reference=reference,
         anomaly_detection=anomaly,
         observation_std=config.gaussian_std,
+        model_kind=config.model,
     )
     _report(manifest, arguments.out_dir)
     return 0

@@ -1,9 +1,10 @@
 """The training loop: seeded, resumable, with KL warm-up, free bits, an LR schedule and early stopping.
 
-Every epoch ends with a checkpoint (model, optimizer, scheduler, RNG state, best weights so far, history) and
-metrics.csv / metrics.json. Early stopping and model selection use the validation negative ELBO (beta = 1, no
-free bits). All randomness (shuffling, augmentation, posterior samples) comes from one torch.Generator whose
-state is checkpointed, so a resumed run continues exactly where it stopped.
+Every epoch ends with metrics.csv / metrics.json and, every CHECKPOINT_UPDATES updates and at the end (also
+on Ctrl-C), a checkpoint (model, optimizer, scheduler, RNG state, best weights so far, history). Early
+stopping and model selection use the validation negative ELBO (beta = 1, no free bits; an autoencoder's
+validation reconstruction). All randomness (shuffling, augmentation, posterior samples) comes from one
+torch.Generator whose state is checkpointed, so a resumed run continues exactly where it stopped.
 """
 
 from __future__ import annotations
@@ -13,11 +14,13 @@ import csv
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.optim.lr_scheduler import CosineAnnealingLR, LambdaLR, LRScheduler, OneCycleLR
 from tqdm import tqdm
@@ -25,9 +28,9 @@ from tqdm import tqdm
 from model.loss import elbo_terms
 from model.vae import VAE, VaeConfig
 from training.augment import Augmentation
-from training.config import ConfigError, TrainConfig
+from training.config import ConfigError, TrainConfig, resolve_schedule
 from training.data import DataSplits
-from training.evaluate import active_units, negative_elbo, posterior_means
+from training.evaluate import active_units, negative_elbo, posteriors
 
 CHECKPOINT_FILENAME = "checkpoint.pt"
 METRICS_CSV = "metrics.csv"
@@ -46,6 +49,7 @@ RESUMABLE_CHANGES = frozenset(
     }
 )
 _VALIDATION_SEED_OFFSET = 1_000_003
+CHECKPOINT_UPDATES = 125
 
 
 @dataclass
@@ -62,12 +66,13 @@ class TrainState:
 
 
 def vae_config_for(config: TrainConfig) -> VaeConfig:
-    """The network shape a training config asks for."""
+    """The network shape a training config asks for (deterministic for --model ae)."""
     return VaeConfig(
         image_shape=config.image_shape,
         latent_dim=config.latent_dim,
         widths=config.widths,
         hidden_dim=config.hidden_dim,
+        deterministic=config.model == "ae",
     )
 
 
@@ -80,9 +85,9 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total
     return LambdaLR(optimizer, lambda step: 1.0)
 
 
-def kl_beta(step: int, config: TrainConfig, steps_per_epoch: int) -> float:
-    """KL weight at a global step: linear from 0 to 1 over kl_warmup_epochs, then 1."""
-    warmup_steps = config.kl_warmup_epochs * steps_per_epoch
+def kl_beta(step: int, warmup_epochs: int, steps_per_epoch: int) -> float:
+    """KL weight at a global step: linear from 0 to 1 over warmup_epochs, then 1."""
+    warmup_steps = warmup_epochs * steps_per_epoch
     return 1.0 if warmup_steps == 0 else min(1.0, (step + 1) / warmup_steps)
 
 
@@ -133,7 +138,18 @@ class Trainer:
     """Owns the model, optimizer, scheduler and generator of one run; `fit` trains until done or stopped."""
 
     def __init__(self, config: TrainConfig, splits: DataSplits, run_dir: Path) -> None:
+        if config.model == "pca":
+            raise ConfigError("PCA is fitted in closed form (model/pca.py), not trained")
+        config = resolve_schedule(config, len(splits.train))
+        assert config.epochs is not None and config.kl_warmup_epochs is not None
+        assert config.early_stopping_patience is not None
         self.config = config
+        self.epochs, self.kl_warmup_epochs = config.epochs, config.kl_warmup_epochs
+        self.patience = config.early_stopping_patience
+        # The autoencoder has no KL term: it trains and is selected on reconstruction alone.
+        self.selection_metric = (
+            "validation_reconstruction" if config.model == "ae" else "validation_negative_elbo"
+        )
         self.splits = splits
         self.run_dir = run_dir
         self.checkpoint_path = run_dir / CHECKPOINT_FILENAME
@@ -145,11 +161,15 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
         )
-        self.scheduler = build_scheduler(self.optimizer, config, config.epochs * self.steps_per_epoch)
+        self.scheduler = build_scheduler(self.optimizer, config, self.epochs * self.steps_per_epoch)
         self.augmentation = Augmentation(
             config.translate_pixels, config.rotate_degrees, config.scale_range, config.augment_probability
         )
         self.state = TrainState(best_model_state=copy.deepcopy(self.model.state_dict()))
+        # Checkpoints every CHECKPOINT_UPDATES updates (every epoch of the recipe): a 300-image folder's
+        # 1,500 epochs of 8 updates would otherwise spend more time writing checkpoints than training.
+        self.checkpoint_every = max(1, math.ceil(CHECKPOINT_UPDATES / self.steps_per_epoch))
+        self.saved_epochs = 0
 
     def resume(self) -> None:
         """Load the run directory's checkpoint; its config must match this one up to RESUMABLE_CHANGES."""
@@ -160,6 +180,7 @@ class Trainer:
         self.scheduler.load_state_dict(checkpoint["scheduler_state"])
         self.generator.set_state(checkpoint["generator_state"])
         self.state = TrainState(**checkpoint["train_state"])
+        self.saved_epochs = self.state.epochs_done
 
     def checkpoint_payload(self) -> dict[str, Any]:
         """Everything needed to resume, re-evaluate or export this run."""
@@ -176,29 +197,46 @@ class Trainer:
 
     @property
     def finished(self) -> bool:
-        return self.state.stopped_early or self.state.epochs_done >= self.config.epochs
+        return self.state.stopped_early or self.state.epochs_done >= self.epochs
+
+    @property
+    def bars(self) -> bool:
+        """Redrawn progress bars on a terminal only; a log file gets one line per epoch instead."""
+        return self.config.progress and sys.stderr.isatty()
 
     def fit(self, stop_after_epoch: int | None = None) -> TrainState:
-        """Train until config.epochs, early stopping, or stop_after_epoch (to train in chunks)."""
+        """Train until the last epoch, early stopping, or stop_after_epoch (to train in chunks)."""
         torch.set_num_threads(self.config.num_threads)
         epochs = tqdm(
-            range(self.state.epochs_done, self.config.epochs),
+            range(self.state.epochs_done, self.epochs),
             desc="epochs",
             initial=self.state.epochs_done,
-            total=self.config.epochs,
-            disable=not self.config.progress,
+            total=self.epochs,
+            disable=not self.bars,
         )
-        for epoch in epochs:
-            if self.finished or (stop_after_epoch is not None and epoch >= stop_after_epoch):
-                break
-            started = time.perf_counter()
-            row = {"epoch": epoch + 1, **self._train_epoch(epoch), **self._validate()}
-            row["seconds"] = time.perf_counter() - started
-            self._record(row)
-            epochs.set_postfix(
-                val_neg_elbo=f"{row['validation_negative_elbo']:.2f}", best=self.state.best_epoch
-            )
+        try:
+            for epoch in epochs:
+                if self.finished or (stop_after_epoch is not None and epoch >= stop_after_epoch):
+                    break
+                started = time.perf_counter()
+                row = {"epoch": epoch + 1, **self._train_epoch(epoch), **self._validate()}
+                row["seconds"] = time.perf_counter() - started
+                self._record(row)
+                self._show(row, epochs)
+        finally:  # also on Ctrl-C: --resume continues from the last finished epoch
+            if self.state.epochs_done > self.saved_epochs:
+                self._save()
         return self.state
+
+    def _show(self, row: dict[str, float], bar: tqdm) -> None:
+        """The epoch's summary: the bar's postfix on a terminal, a log line otherwise."""
+        summary = epoch_summary(row, self.config.latent_dim, self.config.model)
+        if self.bars:
+            bar.set_postfix(summary, best=self.state.best_epoch)
+        elif self.config.progress:
+            fields = " ".join(f"{key} {value}" for key, value in summary.items())
+            epoch = int(row["epoch"])
+            print(f"epoch {epoch}/{self.epochs}: {fields}, best {self.state.best_epoch}", file=sys.stderr)
 
     def _train_epoch(self, epoch: int) -> dict[str, float]:
         """One pass over the shuffled, augmented training images; returns batch-weighted means."""
@@ -211,7 +249,7 @@ class Trainer:
             range(self.steps_per_epoch),
             desc=f"epoch {epoch + 1}",
             leave=False,
-            disable=not self.config.progress,
+            disable=not self.bars,
         )
         for step in bar:
             batch = self.train_images[
@@ -219,7 +257,11 @@ class Trainer:
             ]
             if self.augmentation.enabled:
                 batch = self.augmentation(batch, self.generator)
-            beta = kl_beta(epoch * self.steps_per_epoch + step, self.config, self.steps_per_epoch)
+            beta = (
+                0.0
+                if self.config.model == "ae"
+                else kl_beta(epoch * self.steps_per_epoch + step, self.kl_warmup_epochs, self.steps_per_epoch)
+            )
             output = self.model(batch, generator=self.generator)
             terms = elbo_terms(
                 output.logits,
@@ -246,7 +288,8 @@ class Trainer:
         }
 
     def _validate(self) -> dict[str, float]:
-        """Validation negative ELBO (one posterior sample, the same noise every epoch) and active units."""
+        """Validation negative ELBO (one posterior sample, the same noise every epoch), active units and the
+        KL of each latent dimension (posterior collapse shows as dimensions whose KL falls to 0)."""
         self.model.eval()
         images = self.splits.validation.images
         generator = torch.Generator().manual_seed(self.config.seed + _VALIDATION_SEED_OFFSET)
@@ -258,12 +301,15 @@ class Trainer:
             gaussian_std=self.config.gaussian_std,
             generator=generator,
         )
-        count, _ = active_units(posterior_means(self.model, images))
+        means, log_vars = posteriors(self.model, images)
+        count, _ = active_units(means)
+        kl_per_dim = 0.5 * (means**2 + np.exp(log_vars) - 1.0 - log_vars).mean(axis=0)
         return {
             "validation_negative_elbo": metrics["negative_elbo"],
             "validation_reconstruction": metrics["reconstruction_nll"],
             "validation_kl": metrics["kl"],
             "validation_active_units": float(count),
+            **{f"validation_kl_dim_{dim}": float(kl) for dim, kl in enumerate(kl_per_dim)},
         }
 
     def _record(self, row: dict[str, float]) -> None:
@@ -271,7 +317,7 @@ class Trainer:
         state = self.state
         state.epochs_done = int(row["epoch"])
         state.history.append(row)
-        score = row["validation_negative_elbo"]
+        score = row[self.selection_metric]
         if score < state.best_validation_negative_elbo:
             state.best_validation_negative_elbo = score
             state.best_epoch = state.epochs_done
@@ -279,7 +325,25 @@ class Trainer:
             state.best_model_state = copy.deepcopy(self.model.state_dict())
         else:
             state.epochs_without_improvement += 1
-        patience = self.config.early_stopping_patience
-        state.stopped_early = patience is not None and state.epochs_without_improvement >= patience
+        state.stopped_early = self.patience > 0 and state.epochs_without_improvement >= self.patience
         _write_metrics(self.run_dir, state.history)
+        if state.epochs_done % self.checkpoint_every == 0 or self.finished:
+            self._save()
+
+    def _save(self) -> None:
         save_checkpoint(self.checkpoint_path, self.checkpoint_payload())
+        self.saved_epochs = self.state.epochs_done
+
+
+def epoch_summary(row: dict[str, float], latent_dim: int, model_kind: str) -> dict[str, str]:
+    """What the progress bar or the epoch's log line shows: the validation score, active units and, for a
+    VAE, the range of the per-dimension KL (an autoencoder's point posterior has no meaningful KL)."""
+    active = f"{int(row['validation_active_units'])}/{latent_dim}"
+    if model_kind == "ae":
+        return {"val_reconstruction": f"{row['validation_reconstruction']:.2f}", "active": active}
+    kl = [row[f"validation_kl_dim_{dim}"] for dim in range(latent_dim)]
+    return {
+        "val_neg_elbo": f"{row['validation_negative_elbo']:.2f}",
+        "active": active,
+        "kl_per_dim": f"{min(kl):.2f}..{max(kl):.2f}",
+    }

@@ -43,6 +43,7 @@ SHORT_RUN = [
     "--judge-epochs=1",
     "--model-name=container-trained",
     "--model-version=0.0.1",
+    "--allow-weak-model",  # one epoch of a tiny network is weak on purpose
     "--run-dir=runs/container",
     "--export-dir=/models/container-trained",
 ]
@@ -175,8 +176,7 @@ def test_training_image_trains_and_exports_a_model_the_service_image_serves(
         docker_engine,
         service_image.tag,
         deploy.free_port(),
-        f"--volume={exported}:/models/container-trained:ro",
-        "--env=VAE_MODEL_DIR=/models/container-trained",
+        *containers.serve_model_dir(exported, "container-trained"),
     )
     try:
         served.wait_until_ready(deploy)

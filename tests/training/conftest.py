@@ -25,6 +25,8 @@ TINY: dict[str, Any] = {
     "kl_warmup_epochs": 1,
     "free_bits": 0.05,
     "judge_epochs": 1,
+    # Two updates cannot beat PCA: these runs test the plumbing, the guardrail has its own tests.
+    "allow_weak_model": True,
 }
 
 
