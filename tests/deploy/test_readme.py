@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from types import ModuleType
 
@@ -37,3 +38,16 @@ def test_metrics_table_lists_every_metric(readme_tables: ModuleType) -> None:
     header, *rows = readme_table("## Metrics")
     assert header == readme_tables.METRICS_HEADER
     assert rows == readme_tables.metric_rows(), REGENERATE
+
+
+def test_comparison_table_is_the_one_make_compare_wrote() -> None:
+    # docs/comparison.md is written by `make compare`, with the shipped models of model/comparison/.
+    written = (REPO_ROOT / "docs" / "comparison.md").read_text()
+    assert written in (REPO_ROOT / "README.md").read_text(), "paste docs/comparison.md into README's section"
+    for kind in ("pca", "ae"):
+        manifest = json.loads(
+            (REPO_ROOT / "model" / "comparison" / f"mnist-{kind}" / "manifest.json").read_text()
+        )
+        assert manifest["model_kind"] == kind
+    for kind in ("pca", "ae", "vae"):
+        assert (REPO_ROOT / "docs" / "images" / f"compare-{kind}.png").is_file()
