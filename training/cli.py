@@ -242,20 +242,20 @@ def train_main(argv: list[str] | None = None) -> int:
         model: Autoencoder = PCA.fit(splits.train.images, vae_config_for(config))
         history: list[dict[str, float]] = []
         print(f"PCA: {config.latent_dim} components fitted in closed form", file=sys.stderr)
+        trainer = None
     else:
-        model, history = _train(arguments, parser, config, splits, run_dir)
+        trainer = _train(arguments, parser, config, splits, run_dir)
+        model, history = trainer.model, trainer.state.history
     test_metrics = _evaluate_test_split(model, config, splits)
     (run_dir / TEST_METRICS_FILENAME).write_text(json.dumps(test_metrics, indent=2) + "\n")
-    if config.model != "pca":
-        checkpoint = load_checkpoint(run_dir / CHECKPOINT_FILENAME)
-        save_checkpoint(run_dir / CHECKPOINT_FILENAME, {**checkpoint, "test_metrics": test_metrics})
+    if trainer is not None:
+        save_checkpoint(
+            trainer.checkpoint_path, {**trainer.checkpoint_payload(), "test_metrics": test_metrics}
+        )
     save_all_plots(model, history, splits.test.images, splits.test.labels, run_dir)
 
     warnings = weak_model_reasons(test_metrics, config.model)
-    for warning in warnings:
-        print(f"WEAK MODEL: {warning}", file=sys.stderr)
-    if warnings and not config.allow_weak_model:
-        print(WEAK_MODEL_ADVICE, file=sys.stderr)
+    if _refuse_weak_model(warnings, allowed=config.allow_weak_model):
         return WEAK_MODEL_EXIT
 
     latent_space, quality = describe_latent_space(model, config, splits)
@@ -287,9 +287,9 @@ def _train(
     config: TrainConfig,
     splits: DataSplits,
     run_dir: Path,
-) -> tuple[Autoencoder, list[dict[str, float]]]:
-    """Train (or resume) a VAE or an autoencoder; returns it with its best weights in eval mode, and the
-    per-epoch history."""
+) -> Trainer:
+    """Train (or resume) a VAE or an autoencoder; returns the trainer, its model holding the best weights,
+    in eval mode."""
     trainer = Trainer(config, splits, run_dir)
     if arguments.resume and trainer.checkpoint_path.is_file():
         try:
@@ -314,9 +314,19 @@ def _train(
         f"at epoch {state.best_epoch}",
         file=sys.stderr,
     )
-    model = trainer.model
-    model.load_state_dict(state.best_model_state)
-    return model.eval(), state.history
+    trainer.model.load_state_dict(state.best_model_state)
+    trainer.model.eval()
+    return trainer
+
+
+def _refuse_weak_model(warnings: list[str], *, allowed: bool) -> bool:
+    """Print why a model is weak; True (with the advice) when it must not be exported."""
+    for warning in warnings:
+        print(f"WEAK MODEL: {warning}", file=sys.stderr)
+    if warnings and not allowed:
+        print(WEAK_MODEL_ADVICE, file=sys.stderr)
+        return True
+    return False
 
 
 def _report(manifest: Manifest, export_dir: Path) -> None:
@@ -365,10 +375,7 @@ def export_main(argv: list[str] | None = None) -> int:
         test_metrics = checkpoint["test_metrics"]
         print(f"reusing the checkpoint's test metrics: {error}", file=sys.stderr)
     warnings = weak_model_reasons(test_metrics, config.model)
-    for warning in warnings:
-        print(f"WEAK MODEL: {warning}", file=sys.stderr)
-    if warnings and not (arguments.allow_weak_model or config.allow_weak_model):
-        print(WEAK_MODEL_ADVICE, file=sys.stderr)
+    if _refuse_weak_model(warnings, allowed=arguments.allow_weak_model or config.allow_weak_model):
         return WEAK_MODEL_EXIT
     manifest = export_model(
         vae,

@@ -98,9 +98,11 @@ def nearest_digit_rmse(images: np.ndarray, reference: np.ndarray) -> float:
     return float(np.sqrt(np.maximum(squared.min(axis=1), 0) / flat.shape[1]).mean())
 
 
-def measure(model: ServedModel, judge: Judge, splits: DataSplits, seed: int) -> dict[str, Any]:
-    """The comparison row of one model (see the module docstring)."""
-    _, reference_features = judge(splits.test.images)
+def measure(
+    model: ServedModel, judge: Judge, reference_features: np.ndarray, splits: DataSplits, seed: int
+) -> dict[str, Any]:
+    """The comparison row of one model (see the module docstring); reference_features: the judge's
+    features of the test split."""
     rng = np.random.default_rng(seed)
     latent_dim = model.manifest.latent_dim
     assert model.space.prior is not None
@@ -237,7 +239,10 @@ def compare_main(argv: list[str] | None = None) -> int:
         parser.error(f"the VAE in {out_dir / 'vae' / 'model'} was not trained on this split and latent size")
     judge = train_judge(splits.train, splits.test, 10, epochs=max(1, config.judge_epochs), seed=config.seed)
     models = {kind: ServedModel.open(out_dir / kind / "model") for kind in KINDS}
-    rows = {kind: measure(model, judge, splits, config.seed) for kind, model in models.items()}
+    _, reference_features = judge(splits.test.images)
+    rows = {
+        kind: measure(model, judge, reference_features, splits, config.seed) for kind, model in models.items()
+    }
     report = {"judge": f"CNN digit classifier, test accuracy {judge.test_accuracy:.4f}", "models": rows}
     (out_dir / "comparison.json").write_text(json.dumps(report, indent=2) + "\n")
     markdown = table(rows)

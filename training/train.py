@@ -20,12 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch.optim.lr_scheduler import CosineAnnealingLR, LambdaLR, LRScheduler, OneCycleLR
 from tqdm import tqdm
 
-from model.loss import elbo_terms
+from model.loss import elbo_terms, gaussian_kl
 from model.vae import VAE, VaeConfig
 from training.augment import Augmentation
 from training.config import ConfigError, TrainConfig, resolve_schedule
@@ -305,7 +304,7 @@ class Trainer:
         )
         means, log_vars = posteriors(self.model, images)
         count, _ = active_units(means)
-        kl_per_dim = 0.5 * (means**2 + np.exp(log_vars) - 1.0 - log_vars).mean(axis=0)
+        kl_per_dim = gaussian_kl(torch.from_numpy(means), torch.from_numpy(log_vars)).mean(dim=0).tolist()
         return {
             "validation_negative_elbo": metrics["negative_elbo"],
             "validation_reconstruction": metrics["reconstruction_nll"],
