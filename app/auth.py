@@ -19,17 +19,33 @@ from app.errors import AdminDisabled, Unauthorized, VaeError
 
 Access = Literal["model", "admin", "ops"]
 MODEL_TAG, ADMIN_TAG = "model", "admin"
+# The Open Inference Protocol's model routes (app/oip): the same access as the model endpoints.
+INFERENCE_PROTOCOL_TAG = "open inference protocol"
+MODEL_ACCESS_TAGS = frozenset({MODEL_TAG, INFERENCE_PROTOCOL_TAG})
+_STRICTNESS: dict[Access, int] = {"ops": 0, "model": 1, "admin": 2}
 BEARER_SCHEME, API_KEY_HEADER_SCHEME = "BearerAuth", "ApiKeyHeader"
 
 
 def route_access(routes: list[Any]) -> dict[str, Access]:
-    """Access level per route path, from the route's tags: "model", "admin", otherwise "ops"."""
+    """Access level per route path (template), from the route's tags: "model", "admin", otherwise "ops"."""
     levels: dict[str, Access] = {}
     for route in routes:
-        path, tags = getattr(route, "path", None), getattr(route, "tags", None) or []
+        path, tags = getattr(route, "path", None), set(getattr(route, "tags", None) or [])
         if isinstance(path, str):
-            levels[path] = "admin" if ADMIN_TAG in tags else "model" if MODEL_TAG in tags else "ops"
+            levels[path] = "admin" if ADMIN_TAG in tags else "model" if tags & MODEL_ACCESS_TAGS else "ops"
     return levels
+
+
+def templated_access(access: Mapping[str, Access]) -> list[tuple[str, Access]]:
+    """For paths with parameters (`/v2/models/{model_name}/infer`): the fixed prefix before the first
+    parameter and the strictest level of the routes that share it, longest prefix first."""
+    prefixes: dict[str, Access] = {}
+    for path, level in access.items():
+        if "{" in path:
+            prefix = path.split("{", 1)[0]
+            known = prefixes.get(prefix, "ops")
+            prefixes[prefix] = level if _STRICTNESS[level] > _STRICTNESS[known] else known
+    return sorted(prefixes.items(), key=lambda item: -len(item[0]))
 
 
 def presented_keys(headers: Headers) -> list[str]:
@@ -62,9 +78,19 @@ class ApiKeyPolicy:
         self.api_key = api_key
         self.protect_ops_endpoints = protect_ops_endpoints
         self.access = access
+        self.templated = templated_access(access)
+
+    def level(self, path: str) -> Access:
+        level = self.access.get(path)
+        if level is not None:
+            return level
+        for prefix, templated_level in self.templated:
+            if path.startswith(prefix):
+                return templated_level
+        return "admin" if path.startswith("/admin/") else "ops"
 
     def required(self, path: str) -> bool:
-        level = self.access.get(path, "admin" if path.startswith("/admin/") else "ops")
+        level = self.level(path)
         if level == "admin":
             return True
         return self.api_key is not None and (level == "model" or self.protect_ops_endpoints)
@@ -113,7 +139,7 @@ def document_security(schema: dict[str, Any], api_key_set: bool, protect_ops_end
             tags = operation.get("tags", [])
             if (
                 ADMIN_TAG in tags
-                or (api_key_set and MODEL_TAG in tags)
+                or (api_key_set and MODEL_ACCESS_TAGS.intersection(tags))
                 or (api_key_set and protect_ops_endpoints)
             ):
                 operation["security"] = either

@@ -41,6 +41,16 @@ class VaeError(HTTPException):
         return problem_response(self.status, self.title, self.detail, self.type, self.headers)
 
 
+class BadRequest(VaeError):
+    """A request the Open Inference Protocol answers with 400: its body, shapes or datatypes are wrong."""
+
+    status, title, slug = 400, "Bad request", "bad-request"
+
+
+class UnknownModel(VaeError):
+    status, title, slug = 404, "Unknown model", "unknown-model"
+
+
 class UnsupportedMediaType(VaeError):
     status, title, slug = 415, "Unsupported media type", "unsupported-media-type"
 

@@ -23,6 +23,9 @@ from app.errors import install_error_handlers
 from app.latent_routes import router as latent_router
 from app.metrics import Metrics
 from app.middleware import LoadShedder, MetricsMiddleware, RequestGuardMiddleware, RequestRecorder
+from app.oip.errors import ProtocolErrorMiddleware
+from app.oip.routes import document_protocol_errors, infer_queue
+from app.oip.routes import router as protocol_router
 from app.reload import ModelReloader
 from app.routes import FIRST_QUEUE_BY_ROUTE, MODEL_VERSION_HEADER, query_router, router
 from app.score_routes import router as score_router
@@ -56,6 +59,11 @@ class ServiceApp(FastAPI):
         for cls, args, kwargs in self.outer_middleware:
             app = cls(app, *args, **kwargs)
         return app
+
+
+def first_queue(method: str, path: str, engine: Engine) -> str | None:
+    """The batcher queue a model request enters first ("encoder" or "decoder"), for the load shedder."""
+    return FIRST_QUEUE_BY_ROUTE.get((method, path)) or infer_queue(method, path, engine)
 
 
 def create_app(
@@ -101,11 +109,10 @@ def create_app(
     app.state.metrics = metrics
     app.state.engine = None
     install_error_handlers(app)
-    for included in (query_router, latent_router, score_router, router, admin_router):
+    for included in (query_router, latent_router, score_router, router, protocol_router, admin_router):
         # Into the app's own route list: include_router would add a lookup to every request (3% of /encode).
         app.router.routes.extend(included.routes)
     routes = list(app.routes)
-    route_paths = frozenset(path for route in routes if isinstance(path := getattr(route, "path", None), str))
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
@@ -113,12 +120,13 @@ def create_app(
                 title=app.title, version=app.version, description=app.description, routes=app.routes
             )
             document_security(schema, settings.api_key is not None, settings.protect_ops_endpoints)
+            document_protocol_errors(schema)
             app.openapi_schema = schema
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
     api_keys = ApiKeyPolicy(settings.api_key, settings.protect_ops_endpoints, route_access(routes))
-    recorder = RequestRecorder(metrics, route_paths)
+    recorder = RequestRecorder(metrics, routes)
     # Starlette runs the last-added middleware first: metrics, API key, request guard, routes.
     app.add_middleware(
         RequestGuardMiddleware,
@@ -128,16 +136,18 @@ def create_app(
     )
     app.add_middleware(ApiKeyMiddleware, policy=api_keys)
     app.add_middleware(MetricsMiddleware, recorder=recorder)
-    # Outside FastAPI's own stack, innermost first: the load shedder, then CORS around every answer.
+    # Outside FastAPI's own stack, innermost first: the load shedder, the protocol's error body on /v2, then
+    # CORS around every answer.
     app.outer_middleware.append(
         Middleware(
             LoadShedder,
             recorder=recorder,
             api_keys=api_keys,
             serving_engine=lambda: app.state.engine,
-            first_queue_by_route=FIRST_QUEUE_BY_ROUTE,
+            first_queue=first_queue,
         )
     )
+    app.outer_middleware.append(Middleware(ProtocolErrorMiddleware))
     if settings.cors_allow_origins:
         app.outer_middleware.append(
             Middleware(

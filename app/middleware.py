@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Sequence
 
+from fastapi.routing import APIRoute
 from prometheus_client import Counter, Histogram
 from starlette.datastructures import Headers
+from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.auth import ApiKeyPolicy
@@ -22,17 +24,34 @@ CLIENT_CLOSED_REQUEST = 499
 
 class RequestRecorder:
     """vae_requests_total and vae_request_duration_seconds by route template ("other" for unknown paths),
-    method and status."""
+    method and status. A path with parameters counts under its template, `/v2/models/{model_name}/infer`,
+    routed or not (the load shedder answers before routing)."""
 
-    def __init__(self, metrics: Metrics, route_paths: frozenset[str]) -> None:
+    def __init__(self, metrics: Metrics, routes: Sequence[BaseRoute]) -> None:
         self.metrics = metrics
-        self.route_paths = route_paths
+        self.route_paths = frozenset(
+            path for route in routes if isinstance(path := getattr(route, "path", None), str)
+        )
+        self.templates = [
+            (route.path_regex, route.path)
+            for route in routes
+            if isinstance(route, Route | APIRoute) and "{" in route.path
+        ]
         self._cache: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
 
     def record(self, scope: Scope, status: int, duration_seconds: float) -> None:
-        counter, duration = self._children(scope["path"], scope["method"], status)
+        counter, duration = self._children(self._template(scope), scope["method"], status)
         counter.inc()
         duration.observe(duration_seconds)
+
+    def _template(self, scope: Scope) -> str:
+        path: str = scope["path"]
+        if path in self.route_paths:
+            return path
+        route = scope.get("route")
+        if isinstance(route, Route | APIRoute):
+            return route.path
+        return next((template for regex, template in self.templates if regex.match(path)), path)
 
     def _children(self, path: str, method: str, status: int) -> tuple[Counter, Histogram]:
         """The labelled metric children for one request, cached: `labels()` costs microseconds per call."""
@@ -97,24 +116,18 @@ class LoadShedder:
         recorder: RequestRecorder,
         api_keys: ApiKeyPolicy,
         serving_engine: Callable[[], Engine | None],
-        first_queue_by_route: Mapping[tuple[str, str], str],
+        first_queue: Callable[[str, str, Engine], str | None],
     ) -> None:
         self.app = app
         self.recorder = recorder
         self.api_keys = api_keys
         self.serving_engine = serving_engine
-        self.first_queue_by_route = first_queue_by_route
+        self.first_queue = first_queue
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            part = self.first_queue_by_route.get((scope["method"], scope["path"]))
-            engine = self.serving_engine() if part is not None else None
-            if (
-                part is not None
-                and engine is not None
-                and not engine.has_room(part)
-                and self.api_keys.refusal(scope) is None
-            ):
+        if scope["type"] == "http" and (engine := self.serving_engine()) is not None:
+            part = self.first_queue(scope["method"], scope["path"], engine)
+            if part is not None and not engine.has_room(part) and self.api_keys.refusal(scope) is None:
                 started = time.perf_counter()
                 try:
                     engine.check_room(part)  # counts the rejection
