@@ -35,7 +35,8 @@ Encode, decode, sample, reconstruct and interpolate with a variational autoencod
 
 Image results are JSON with one base64 PNG per image by default, `?format=array` for (C, H, W) float arrays in
 [0, 1], or one PNG grid with `Accept: image/png`. Every error is `application/problem+json`:
-`{"type", "title", "status", "detail"}`. Metrics at `/metrics` are per process (one process per container).
+`{"type", "title", "status", "detail"}`, except on the Open Inference Protocol's `/v2` routes, where it is
+the protocol's `{"error"}`. Metrics at `/metrics` are per process (one process per container).
 
 With `VAE_API_KEY` set, the model endpoints need `Authorization: Bearer <key>` or `X-API-Key: <key>`; the
 `/admin` endpoints always do. Model responses carry `X-Model-Version: name/version`.

@@ -33,7 +33,7 @@ from pydantic import BaseModel
 from app.cli import tune_interpreter
 from app.images import encode_png_grid, encode_pngs
 from app.main import FASTAPI_TELEMETRY
-from benchmarks.scenarios import SCORE_SAMPLES
+from benchmarks.scenarios import PROTOCOL_BATCH, SCORE_SAMPLES
 from model.manifest import load_model_dir
 from model.scores import posterior_draws, score_images
 
@@ -140,14 +140,16 @@ def _inference_work(
     options = ort.SessionOptions()
     options.intra_op_num_threads = intra_op_threads  # 0: onnxruntime's default, one thread per core
     rng = np.random.default_rng(0)
-    if scenario_name == "encode":
+    if scenario_name in ("encode", "oip-binary", "oip-json"):
+        # /encode: one full batch; the protocol's requests: the encoder on their own batch.
+        batch = max_batch_size if scenario_name == "encode" else PROTOCOL_BATCH
         encoder = ort.InferenceSession(str(paths["encoder"]), options, providers=["CPUExecutionProvider"])
-        images = rng.random((max_batch_size, *manifest.image.shape), dtype=np.float32)
+        images = rng.random((batch, *manifest.image.shape), dtype=np.float32)
 
         def encode_batch() -> None:
             encoder.run(None, {names.encoder_input: images})
 
-        return encode_batch, max_batch_size
+        return encode_batch, batch
 
     decoder = ort.InferenceSession(str(paths["decoder"]), options, providers=["CPUExecutionProvider"])
     if scenario_name == "score":

@@ -21,8 +21,7 @@ from collections import Counter
 from pathlib import Path
 
 from benchmarks.loadgen import make_load_generator
-from benchmarks.run import SCENARIO_NAMES, model_directory, model_shape, service_command, service_env
-from benchmarks.scenarios import build_scenarios
+from benchmarks.run import SCENARIO_NAMES, model_directory, model_scenarios, service_command, service_env
 from benchmarks.servers import ServerProcess, free_port
 
 _PYTHON_FRAME = re.compile(r"^(?P<function>.+) \((?P<file>[^()]+\.py):\d+\)$")
@@ -113,7 +112,7 @@ def main() -> None:
         port = free_port()
         with ServerProcess("service", service_command(), port, service_env(model_dir, port)) as server:
             server.start()
-            scenario = build_scenarios(**model_shape(model_dir))[args.scenario]
+            scenario = model_scenarios(model_dir)[args.scenario]
             load_thread = threading.Thread(
                 target=load.run, args=(server.base_url, scenario, args.concurrency, args.seconds + 3)
             )

@@ -139,7 +139,7 @@ def measure(
     max_batch_size: int,
 ) -> dict[tuple[str, str, int], Cell]:
     """Measure every cell; repetitions interleave (all cells once, then again) so drift spreads evenly."""
-    scenarios = build_scenarios(**model_shape(model_dir))
+    scenarios = model_scenarios(model_dir)
     cells: dict[tuple[str, str, int], Cell] = {}
     for name in args.scenarios:
         for server in (*servers, INFERENCE_CEILING):
@@ -178,14 +178,15 @@ def measure(
     return cells
 
 
-def model_shape(model_dir: Path) -> dict[str, int]:
-    """The build_scenarios keyword arguments that match the model's manifest."""
+def model_scenarios(model_dir: Path) -> dict[str, Scenario]:
+    """Every scenario, built for the model's manifest: its latent size, image size and name."""
     manifest = read_manifest(model_dir)
-    return {
-        "latent_dim": manifest.latent_dim,
-        "image_height": manifest.image.height,
-        "image_width": manifest.image.width,
-    }
+    return build_scenarios(
+        latent_dim=manifest.latent_dim,
+        image_height=manifest.image.height,
+        image_width=manifest.image.width,
+        model_name=manifest.name,
+    )
 
 
 def start_servers(
@@ -196,7 +197,7 @@ def start_servers(
     workdir: Path,
 ) -> dict[str, ServerProcess]:
     """The service, the service with batching off, the naive service and (for /encode) the HTTP ceiling."""
-    scenarios = [build_scenarios(**model_shape(model_dir))[name] for name in args.scenarios]
+    scenarios = [model_scenarios(model_dir)[name] for name in args.scenarios]
     servers: dict[str, ServerProcess] = {}
 
     def start(server: ServerProcess) -> ServerProcess:

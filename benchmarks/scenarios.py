@@ -63,13 +63,37 @@ def _json_request(path: str, payload: object) -> HttpRequest:
     )
 
 
+PROTOCOL_BATCH = 64  # images per Open Inference Protocol request (issue 16)
+
+
+def protocol_requests(model_name: str, image_shape: tuple[int, int, int]) -> tuple[HttpRequest, HttpRequest]:
+    """One encoder inference of PROTOCOL_BATCH digits over the Open Inference Protocol, binary and JSON, as
+    tritonclient sends them: binary tensors both ways with no Content-Type; or all JSON."""
+    image = np.asarray(Image.open(io.BytesIO(digit_png(*image_shape[1:]))), np.float32) / 255
+    images = np.broadcast_to(image, (PROTOCOL_BATCH, *image_shape)).astype(np.float32)
+    path = f"/v2/models/{model_name}-encoder/infer"
+    entry = {"name": "images", "shape": list(images.shape), "datatype": "FP32"}
+    header = json.dumps(
+        {
+            "inputs": [{**entry, "parameters": {"binary_data_size": images.nbytes}}],
+            "parameters": {"binary_data_output": True},
+        }
+    ).encode()
+    binary = HttpRequest(
+        "POST", path, {"Inference-Header-Content-Length": str(len(header))}, header + images.tobytes()
+    )
+    plain = {"inputs": [{**entry, "data": images.ravel().round(4).tolist()}]}
+    return binary, _json_request(path, plain)
+
+
 def build_scenarios(
-    latent_dim: int = 16, image_height: int = 28, image_width: int = 28
+    latent_dim: int = 16, image_height: int = 28, image_width: int = 28, model_name: str = "mnist-vae"
 ) -> dict[str, Scenario]:
-    """Every scenario (issue 5; sample-gmm and traverse from issue 12, score from issue 13), keyed by name,
-    in the order the suite runs them."""
+    """Every scenario (issue 5; sample-gmm and traverse from issue 12, score from issue 13, the Open
+    Inference Protocol from issue 16), keyed by name, in the order the suite runs them."""
     rng = np.random.default_rng(0)
     png = digit_png(image_height, image_width)
+    protocol_binary, protocol_json = protocol_requests(model_name, (1, image_height, image_width))
     start, end = (rng.standard_normal(latent_dim).round(4).tolist() for _ in range(2))
     latents = rng.standard_normal((64, latent_dim)).round(4).tolist()
     scenarios = [
@@ -144,6 +168,20 @@ def build_scenarios(
             description=f"POST /decode, 64 latents of {latent_dim} floats",
             request=_json_request("/decode", {"latents": latents}),
             images_per_request=64,
+        ),
+        Scenario(
+            name="oip-binary",
+            description=f"POST /v2/models/{model_name}-encoder/infer, {PROTOCOL_BATCH} images, binary",
+            request=protocol_binary,
+            images_per_request=PROTOCOL_BATCH,
+            naive=False,
+        ),
+        Scenario(
+            name="oip-json",
+            description=f"POST /v2/models/{model_name}-encoder/infer, {PROTOCOL_BATCH} images, JSON",
+            request=protocol_json,
+            images_per_request=PROTOCOL_BATCH,
+            naive=False,
         ),
     ]
     return {scenario.name: scenario for scenario in scenarios}

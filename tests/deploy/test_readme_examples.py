@@ -6,6 +6,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +16,18 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def api_curl_commands() -> list[str]:
-    """The curl commands in the ```sh blocks of the README's `## API` section, continuation lines joined."""
+PROTOCOL_SECTION = "Open Inference Protocol (KServe v2, Triton)"
+
+
+def readme_section(heading: str) -> str:
     readme = (REPO_ROOT / "README.md").read_text()
-    section = readme.split("\n## API\n", 1)[1].split("\n## ", 1)[0]
+    return readme.split(f"\n## {heading}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def curl_commands(heading: str = "API") -> list[str]:
+    """The curl commands in the ```sh blocks of one README section, continuation lines joined."""
     commands = []
-    for block in re.findall(r"```sh\n(.*?)```", section, flags=re.DOTALL):
+    for block in re.findall(r"```sh\n(.*?)```", readme_section(heading), flags=re.DOTALL):
         for line in block.replace("\\\n", " ").splitlines():
             if line.startswith("curl "):
                 commands.append(line)
@@ -28,7 +35,7 @@ def api_curl_commands() -> list[str]:
 
 
 def test_readme_has_an_example_for_every_endpoint() -> None:
-    commands = " ".join(api_curl_commands())
+    commands = " ".join(curl_commands())
     endpoints = (
         "/encode",
         "/decode",
@@ -57,8 +64,8 @@ def test_readme_curl_examples_work(deploy: Any, processes: Any, tmp_path: Path) 
     )
     processes.wait_until_answering(server, f"http://127.0.0.1:{port}/readyz", timeout_seconds=60)
 
-    commands = api_curl_commands()
-    assert commands
+    commands = curl_commands() + curl_commands(PROTOCOL_SECTION)
+    assert commands and any("/v2/" in command for command in commands)
     for command in commands:
         # Same command, plus: fail on transport errors, and print the status as the last line.
         runnable = command.replace("localhost:8000", f"127.0.0.1:{port}").replace(
@@ -78,3 +85,20 @@ def test_readme_curl_examples_work(deploy: Any, processes: Any, tmp_path: Path) 
             assert (tmp_path / output.group(1)).read_bytes().startswith(PNG_SIGNATURE), command
         elif "/metrics" not in command:
             json.loads(body)
+
+
+@pytest.mark.slow
+def test_readme_tritonclient_example_works(deploy: Any, processes: Any, tmp_path: Path) -> None:
+    (example,) = re.findall(r"```python\n(.*?)```", readme_section(PROTOCOL_SECTION), flags=re.DOTALL)
+    port = deploy.free_port()
+    server = processes.start(
+        [deploy.installed_script("vae-serve")], deploy.service_environment(port), tmp_path, "vae-serve"
+    )
+    processes.wait_until_answering(server, f"http://127.0.0.1:{port}/readyz", timeout_seconds=60)
+    script = tmp_path / "example.py"
+    script.write_text(example.replace("localhost:8000", f"127.0.0.1:{port}"))
+    result = subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, check=False, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "(64, 1, 28, 28)"
