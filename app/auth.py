@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 from collections.abc import Mapping
 from typing import Any, Literal
 
 from pydantic import SecretStr
 from starlette.datastructures import Headers
+from starlette.routing import compile_path
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.errors import AdminDisabled, Unauthorized, VaeError
@@ -36,16 +38,10 @@ def route_access(routes: list[Any]) -> dict[str, Access]:
     return levels
 
 
-def templated_access(access: Mapping[str, Access]) -> list[tuple[str, Access]]:
-    """For paths with parameters (`/v2/models/{model_name}/infer`): the fixed prefix before the first
-    parameter and the strictest level of the routes that share it, longest prefix first."""
-    prefixes: dict[str, Access] = {}
-    for path, level in access.items():
-        if "{" in path:
-            prefix = path.split("{", 1)[0]
-            known = prefixes.get(prefix, "ops")
-            prefixes[prefix] = level if _STRICTNESS[level] > _STRICTNESS[known] else known
-    return sorted(prefixes.items(), key=lambda item: -len(item[0]))
+def templated_access(access: Mapping[str, Access]) -> list[tuple[re.Pattern[str], Access]]:
+    """For paths with parameters (`/v2/models/{model_name}/infer`): the regex the router matches them by,
+    and their level."""
+    return [(compile_path(path)[0], level) for path, level in access.items() if "{" in path]
 
 
 def presented_keys(headers: Headers) -> list[str]:
@@ -81,12 +77,13 @@ class ApiKeyPolicy:
         self.templated = templated_access(access)
 
     def level(self, path: str) -> Access:
+        """The route's level; for a path with parameters, the strictest of the templates it matches."""
         level = self.access.get(path)
         if level is not None:
             return level
-        for prefix, templated_level in self.templated:
-            if path.startswith(prefix):
-                return templated_level
+        matched = [templated for regex, templated in self.templated if regex.match(path)]
+        if matched:
+            return max(matched, key=_STRICTNESS.__getitem__)
         return "admin" if path.startswith("/admin/") else "ops"
 
     def required(self, path: str) -> bool:

@@ -151,6 +151,9 @@ class ReloadFailed(VaeError):
 class ModelNotReady(VaeError):
     status, title, slug = 503, "Model not ready", "model-not-ready"
 
+    def __init__(self, detail: str, retry_after_seconds: int = 1) -> None:
+        super().__init__(detail, headers={"Retry-After": str(retry_after_seconds)})
+
 
 class DeadlineExceeded(VaeError):
     status, title, slug = 504, "Deadline exceeded", "deadline-exceeded"

@@ -23,6 +23,7 @@ from app.errors import install_error_handlers
 from app.latent_routes import router as latent_router
 from app.metrics import Metrics
 from app.middleware import LoadShedder, MetricsMiddleware, RequestGuardMiddleware, RequestRecorder
+from app.oip.codec import HEADER_LENGTH_HEADER
 from app.oip.errors import ProtocolErrorMiddleware
 from app.oip.routes import document_protocol_errors, infer_queue
 from app.oip.routes import router as protocol_router
@@ -155,8 +156,15 @@ def create_app(
                 CORSMiddleware,
                 allow_origins=settings.cors_allow_origins,
                 allow_methods=["GET", "POST"],
-                allow_headers=["Authorization", "X-API-Key", "Content-Type", "Accept"],
-                expose_headers=[MODEL_VERSION_HEADER, "Retry-After"],
+                allow_headers=[
+                    "Authorization",
+                    "X-API-Key",
+                    "Content-Type",
+                    "Accept",
+                    "Content-Encoding",
+                    HEADER_LENGTH_HEADER,
+                ],
+                expose_headers=[MODEL_VERSION_HEADER, "Retry-After", HEADER_LENGTH_HEADER],
             )
         )
     return app

@@ -186,6 +186,7 @@ def model_scenarios(model_dir: Path) -> dict[str, Scenario]:
         image_height=manifest.image.height,
         image_width=manifest.image.width,
         model_name=manifest.name,
+        image_channels=manifest.image.channels,
     )
 
 

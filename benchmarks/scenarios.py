@@ -70,7 +70,7 @@ def protocol_requests(model_name: str, image_shape: tuple[int, int, int]) -> tup
     """One encoder inference of PROTOCOL_BATCH digits over the Open Inference Protocol, binary and JSON, as
     tritonclient sends them: binary tensors both ways with no Content-Type; or all JSON."""
     image = np.asarray(Image.open(io.BytesIO(digit_png(*image_shape[1:]))), np.float32) / 255
-    images = np.broadcast_to(image, (PROTOCOL_BATCH, *image_shape)).astype(np.float32)
+    images = np.broadcast_to(image, (PROTOCOL_BATCH, *image_shape)).astype(np.float32)  # gray in every channel
     path = f"/v2/models/{model_name}-encoder/infer"
     entry = {"name": "images", "shape": list(images.shape), "datatype": "FP32"}
     header = json.dumps(
@@ -87,13 +87,17 @@ def protocol_requests(model_name: str, image_shape: tuple[int, int, int]) -> tup
 
 
 def build_scenarios(
-    latent_dim: int = 16, image_height: int = 28, image_width: int = 28, model_name: str = "mnist-vae"
+    latent_dim: int = 16,
+    image_height: int = 28,
+    image_width: int = 28,
+    model_name: str = "mnist-vae",
+    image_channels: int = 1,
 ) -> dict[str, Scenario]:
     """Every scenario (issue 5; sample-gmm and traverse from issue 12, score from issue 13, the Open
     Inference Protocol from issue 16), keyed by name, in the order the suite runs them."""
     rng = np.random.default_rng(0)
     png = digit_png(image_height, image_width)
-    protocol_binary, protocol_json = protocol_requests(model_name, (1, image_height, image_width))
+    protocol_binary, protocol_json = protocol_requests(model_name, (image_channels, image_height, image_width))
     start, end = (rng.standard_normal(latent_dim).round(4).tolist() for _ in range(2))
     latents = rng.standard_normal((64, latent_dim)).round(4).tolist()
     scenarios = [

@@ -8,6 +8,7 @@ bytes); Content-Type is never consulted, since tritonclient sends none.
 from __future__ import annotations
 
 import math
+import re
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from app.errors import BadRequest
 
 HEADER_LENGTH_HEADER = "Inference-Header-Content-Length"
 BINARY_MEDIA_TYPE = "application/octet-stream"
+HEADER_LENGTH_FORMAT = re.compile(r"[0-9]{1,12}")  # ASCII digits only: str.isdigit() takes "²"
 # The protocol's tensor datatypes. The models served here take and return FP32 only.
 DATATYPES = (
     "BOOL",
@@ -43,11 +45,13 @@ CONTENT_ENCODINGS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """One input or output of a model: its name and shape, -1 for the batch axis. Datatype FP32."""
+    """One input or output of a model: its name and shape, -1 for the batch axis, and for inputs the range
+    their values must lie in (images: the manifest's value_range). Datatype FP32."""
 
     name: str
     shape: tuple[int, ...]
     datatype: str = "FP32"
+    value_range: tuple[float, float] | None = None
 
     def describe(self) -> dict[str, Any]:
         """As model metadata lists it."""
@@ -126,7 +130,7 @@ def parse_infer_request(
 def _json_length(header_length: str | None, body_bytes: int) -> int | None:
     if header_length is None:
         return None
-    if not header_length.strip().isdigit() or int(header_length) > body_bytes:
+    if not HEADER_LENGTH_FORMAT.fullmatch(header_length.strip()) or int(header_length) > body_bytes:
         raise BadRequest(
             f"{HEADER_LENGTH_HEADER} is {header_length!r}; it must be the length in bytes of the JSON header "
             f"at the start of the body, at most the body's {body_bytes} bytes"
@@ -161,8 +165,7 @@ def _read_inputs(
             raise BadRequest(f"input {name!r} is given twice")
         shape = _checked_shape(entry, spec, max_batch_size)
         array, offset = _input_values(entry, spec, shape, binary, offset)
-        if not np.isfinite(array).all():
-            raise BadRequest(f"input {name!r} holds NaN or infinite values; send finite numbers")
+        _check_values(array, spec)
         arrays[spec.name] = array
     if offset != len(binary):
         raise BadRequest(
@@ -173,6 +176,19 @@ def _read_inputs(
     if missing:
         raise BadRequest(f"input {missing[0]!r} is missing; this model takes {names}")
     return arrays
+
+
+def _check_values(array: np.ndarray, spec: TensorSpec) -> None:
+    if not np.isfinite(array).all():
+        raise BadRequest(f"input {spec.name!r} holds NaN or infinite values; send finite numbers")
+    if spec.value_range is not None:
+        low, high = spec.value_range
+        smallest, largest = float(array.min()), float(array.max())
+        if smallest < low or largest > high:
+            raise BadRequest(
+                f"the values of input {spec.name!r} lie in [{smallest:g}, {largest:g}]; this model takes "
+                f"[{low:g}, {high:g}] (8-bit pixels: divide by 255)"
+            )
 
 
 def _checked_shape(entry: Mapping[str, Any], spec: TensorSpec, max_batch_size: int) -> tuple[int, ...]:
@@ -208,8 +224,13 @@ def _input_values(
     count = math.prod(shape)
     binary_size = _parameters(entry, f"input {spec.name!r}").get("binary_data_size")
     if binary_size is not None:
-        if "data" in entry:
+        if entry.get("data") is not None:
             raise BadRequest(f"input {spec.name!r} has both 'data' and parameters.binary_data_size; send one")
+        if not binary:
+            raise BadRequest(
+                f"input {spec.name!r} has parameters.binary_data_size, but the request has no "
+                f"{HEADER_LENGTH_HEADER} header giving the length of its JSON part"
+            )
         if type(binary_size) is not int or binary_size != count * 4:
             raise BadRequest(
                 f"input {spec.name!r} has binary_data_size {binary_size!r}; shape {list(shape)} in FP32 is "
@@ -228,6 +249,9 @@ def _input_values(
             f"input {spec.name!r} has no 'data' list and no parameters.binary_data_size; send its values "
             "row-major, flat or nested"
         )
+    outer = _outer_count(data)
+    if outer != count:  # before converting: a body of millions of numbers is refused cheaply
+        raise BadRequest(f"input {spec.name!r} has {outer} values, but its shape {list(shape)} needs {count}")
     try:
         values = np.asarray(data)
     except ValueError:
@@ -242,6 +266,17 @@ def _input_values(
         return values.astype(np.float32).reshape(shape), offset
 
 
+def _outer_count(data: list[Any]) -> int:
+    """How many values `data` holds if it is as even as its first elements say (numpy checks the rest)."""
+    count, level = 1, data
+    while isinstance(level, list):
+        count *= len(level)
+        if not level:
+            break
+        level = level[0]
+    return count
+
+
 def _requested_outputs(
     entries: object, output_names: Sequence[str], binary_default: bool
 ) -> list[RequestedOutput]:
@@ -250,7 +285,7 @@ def _requested_outputs(
     names = ", ".join(repr(name) for name in output_names)
     if not isinstance(entries, list) or not entries:
         raise BadRequest(f"'outputs' must be a non-empty list, or left out for all of {names}")
-    requested = []
+    requested: list[RequestedOutput] = []
     for entry in entries:
         name = entry.get("name") if isinstance(entry, dict) else None
         if not isinstance(name, str) or name not in output_names:
@@ -261,6 +296,8 @@ def _requested_outputs(
         binary = parameters.get("binary_data", binary_default)
         if not isinstance(binary, bool):
             raise BadRequest(f"parameters.binary_data of output {name!r} must be true or false")
+        if any(output.name == name for output in requested):
+            raise BadRequest(f"output {name!r} is requested twice")
         requested.append(RequestedOutput(name, binary))
     return requested
 

@@ -44,7 +44,7 @@ class ProtocolErrorMiddleware:
         async def send_protocol_error(message: Message) -> None:
             nonlocal problem_start
             if message["type"] == "http.response.start":
-                content_type = MutableHeaders(raw=message["headers"]).get("content-type", "")
+                content_type = MutableHeaders(raw=message.get("headers", [])).get("content-type", "")
                 if content_type.startswith(PROBLEM_MEDIA_TYPE):
                     problem_start = message
                     return
@@ -53,7 +53,7 @@ class ProtocolErrorMiddleware:
                 if message.get("more_body", False):
                     return
                 body = protocol_error_body(bytes(problem))
-                headers = MutableHeaders(raw=list(problem_start["headers"]))
+                headers = MutableHeaders(raw=list(problem_start.get("headers", [])))
                 headers["content-type"] = "application/json"
                 headers["content-length"] = str(len(body))
                 await send({**problem_start, "headers": headers.raw})

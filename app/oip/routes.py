@@ -28,6 +28,7 @@ from app.routes import MODEL_VERSION_HEADER, OPS_TAG, ready_engine, serving
 from model.manifest import Manifest
 
 PROTOCOL_PREFIX = "/v2"
+READINESS_PATH = PROTOCOL_PREFIX + "/health/ready"
 SERVER_NAME = "vae-service"
 EXTENSIONS = ["binary_tensor_data"]
 PLATFORM = "onnxruntime_onnx"  # Triton's name for models run by onnxruntime
@@ -67,7 +68,7 @@ def protocol_models(manifest: Manifest) -> dict[str, ProtocolModel]:
             f"{manifest.name}-encoder",
             manifest.version,
             "encoder",
-            TensorSpec(names.encoder_input, images),
+            TensorSpec(names.encoder_input, images, value_range=manifest.image.value_range),
             (TensorSpec(names.encoder_mean, latents), TensorSpec(names.encoder_log_var, latents)),
         ),
         ProtocolModel(
@@ -112,6 +113,8 @@ async def run_model(engine: Engine, model: ProtocolModel, inputs: np.ndarray) ->
     names = engine.manifest.tensors
     if model.part == "encoder":
         mean, log_var = await engine.encode(inputs)
+        if not (np.isfinite(mean).all() and np.isfinite(log_var).all()):
+            raise BadRequest("the encoder produced non-finite values for these images")
         return {names.encoder_mean: mean, names.encoder_log_var: log_var}
     try:
         images, logits = await engine.decode_with_logits(inputs)
@@ -251,7 +254,7 @@ async def live() -> dict[str, bool]:
 
 
 @router.get(
-    "/health/ready",
+    READINESS_PATH.removeprefix(PROTOCOL_PREFIX),
     tags=[OPS_TAG],
     summary="Protocol readiness: the model is loaded and warmed up",
     responses={503: {"content": {"application/json": {}}, "description": "Not ready yet."}},
@@ -268,24 +271,28 @@ async def server_metadata(request: Request) -> dict[str, Any]:
     return {"name": SERVER_NAME, "version": request.app.version, "extensions": EXTENSIONS}
 
 
+def _ready_model(request: Request, name: str, version: str | None) -> ProtocolModel:
+    return find_model(ready_engine(request, READINESS_PATH), name, version)
+
+
 @router.get("/models/{model_name}", **_METADATA_DOCS)
 async def model_metadata(request: Request, model_name: str) -> dict[str, Any]:
-    return find_model(ready_engine(request), model_name, None).metadata()
+    return _ready_model(request, model_name, None).metadata()
 
 
 @router.get("/models/{model_name}/versions/{model_version}", **_METADATA_DOCS)
 async def model_version_metadata(request: Request, model_name: str, model_version: str) -> dict[str, Any]:
-    return find_model(ready_engine(request), model_name, model_version).metadata()
+    return _ready_model(request, model_name, model_version).metadata()
 
 
 @router.get("/models/{model_name}/ready", **_READY_DOCS)
 async def model_ready(request: Request, model_name: str) -> dict[str, Any]:
-    return {"name": find_model(ready_engine(request), model_name, None).name, "ready": True}
+    return {"name": _ready_model(request, model_name, None).name, "ready": True}
 
 
 @router.get("/models/{model_name}/versions/{model_version}/ready", **_READY_DOCS)
 async def model_version_ready(request: Request, model_name: str, model_version: str) -> dict[str, Any]:
-    return {"name": find_model(ready_engine(request), model_name, model_version).name, "ready": True}
+    return {"name": _ready_model(request, model_name, model_version).name, "ready": True}
 
 
 @router.post("/models/{model_name}/infer", **_INFER_DOCS)
@@ -299,7 +306,7 @@ async def infer_version(request: Request, model_name: str, model_version: str) -
 
 
 async def _infer(request: Request, model_name: str, model_version: str | None) -> Response:
-    with serving(request) as (engine, settings):
+    with serving(request, READINESS_PATH) as (engine, settings):
         model = find_model(engine, model_name, model_version)
         body = decompress(
             await request.body(), request.headers.get("content-encoding"), settings.max_body_bytes
@@ -329,7 +336,7 @@ async def _infer(request: Request, model_name: str, model_version: str | None) -
     responses=_errors(503),
 )
 async def repository_index(request: Request) -> list[dict[str, str]]:
-    engine = ready_engine(request)
+    engine = ready_engine(request, READINESS_PATH)
     return [
         {"name": model.name, "version": model.version, "state": "READY", "reason": ""}
         for model in protocol_models(engine.manifest).values()

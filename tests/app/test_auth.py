@@ -10,7 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
 
-from app.auth import key_matches
+from app.auth import Access, ApiKeyPolicy, key_matches
 from app.config import Settings
 from app.main import create_app
 
@@ -154,3 +154,17 @@ def test_cors_preflight_allowed_and_denied(make_client: Callable[..., TestClient
     unauthorized = client.get("/sample", headers={"Origin": "https://other.example"})
     assert unauthorized.status_code == 401
     assert unauthorized.headers["access-control-allow-origin"] == "https://other.example"
+
+
+def test_paths_with_parameters_take_the_strictest_template_they_match() -> None:
+    access: dict[str, Access] = {
+        "/v2/models/{model_name}/infer": "model",
+        "/v2/models/{model_name}/stats": "ops",
+        "/v2/health/ready": "ops",
+    }
+    policy = ApiKeyPolicy(SecretStr(KEY), protect_ops_endpoints=False, access=access)
+    assert policy.required("/v2/models/mnist/infer")
+    assert not policy.required("/v2/models/mnist/stats")  # a sibling template decides nothing for infer
+    assert not policy.required("/v2/health/ready")
+    assert not policy.required("/v2/models/mnist/unknown")  # no route: 404 for everyone
+    assert policy.required("/admin/anything")

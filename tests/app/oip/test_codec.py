@@ -241,3 +241,35 @@ def test_decompression_is_bounded_and_checked() -> None:
         decompress(gzip.compress(b"x" * 100)[:-12], "gzip", 1000)
     with pytest.raises(BadRequest, match="'br' is not supported"):
         decompress(b"", "br", 1000)
+
+
+def test_image_values_outside_the_models_range_are_refused_with_advice() -> None:
+    images = TensorSpec("images", (-1, 1, 28, 28), value_range=(0.0, 1.0))
+    pixels = json_body(inputs=[images_input(data=[255.0] * 784)])
+    with pytest.raises(BadRequest, match=r"lie in \[255, 255\]; this model takes \[0, 1\] .*divide by 255"):
+        parse_infer_request(pixels, None, [images], OUTPUTS, 64)
+    in_range = json_body(inputs=[images_input(data=[0.0, 1.0] * 392)])
+    assert parse_infer_request(in_range, None, [images], OUTPUTS, 64).inputs["images"].max() == 1.0
+
+
+@pytest.mark.parametrize("header_length", ["\u00b2", "1" * 5000, "-1", " ", "0x10"])
+def test_a_header_length_that_is_not_a_plain_number_is_a_400(header_length: str) -> None:
+    with pytest.raises(BadRequest, match="Inference-Header-Content-Length is"):
+        parse(binary_request(3136)[0], header_length)
+
+
+def test_binary_sizes_without_the_header_length_say_which_header_is_missing() -> None:
+    header = json_body(inputs=[{**images_input(data=None), "parameters": {"binary_data_size": 3136}}])
+    with pytest.raises(BadRequest, match="no Inference-Header-Content-Length header"):
+        parse(header)
+    # "data": null beside binary data is no data.
+    assert parse(header + BINARY_ZEROS, len(header)).inputs["images"].shape == (1, 1, 28, 28)
+
+
+def test_outputs_requested_twice_and_uneven_nesting_are_refused() -> None:
+    twice = json_body(inputs=[images_input()], outputs=[{"name": "mean"}, {"name": "mean"}])
+    with pytest.raises(BadRequest, match="'mean' is requested twice"):
+        parse(twice)
+    short = json_body(inputs=[images_input(data=[[[[0.5] * 28] * 28]] * 2)])  # two images for one
+    with pytest.raises(BadRequest, match="has 1568 values, but its shape"):
+        parse(short)

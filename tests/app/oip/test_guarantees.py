@@ -189,3 +189,33 @@ def test_the_openapi_document_describes_the_protocol_routes(
     assert "security" in infer and "security" in schema["paths"]["/v2/repository/index"]["post"]
     assert "security" not in schema["paths"]["/v2/health/ready"]["get"]
     assert json.dumps(schema)  # serialisable as served
+
+
+def test_not_ready_answers_carry_retry_after_and_the_protocols_probe(
+    mnist_model_dir: Path, make_settings: Callable[..., Settings]
+) -> None:
+    app = create_app(make_settings(mnist_model_dir))
+    client = TestClient(app, raise_server_exceptions=False)  # lifespan not entered: no model
+    response = client.get("/v2/models/mnist-test-decoder")
+    assert_protocol_error(response, 503, "poll /v2/health/ready")
+    assert response.headers["retry-after"] == "1"
+    assert client.get("/sample").json()["detail"] == "the model is still loading; poll /readyz"
+
+
+def test_browsers_may_send_and_read_binary_protocol_bodies(
+    mnist_model_dir: Path, make_settings: Callable[..., Settings]
+) -> None:
+    settings = make_settings(mnist_model_dir, cors_allow_origins="https://app.example")
+    preflight = {
+        "Origin": "https://app.example",
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "inference-header-content-length, content-encoding",
+    }
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        allowed = client.options(DECODER_INFER, headers=preflight)
+        answered = client.post(
+            DECODER_INFER, json=latents_request(), headers={"Origin": "https://app.example"}
+        )
+    assert allowed.status_code == 200
+    assert "inference-header-content-length" in allowed.headers["access-control-allow-headers"].lower()
+    assert "inference-header-content-length" in answered.headers["access-control-expose-headers"].lower()
