@@ -70,7 +70,8 @@ def protocol_requests(model_name: str, image_shape: tuple[int, int, int]) -> tup
     """One encoder inference of PROTOCOL_BATCH digits over the Open Inference Protocol, binary and JSON, as
     tritonclient sends them: binary tensors both ways with no Content-Type; or all JSON."""
     image = np.asarray(Image.open(io.BytesIO(digit_png(*image_shape[1:]))), np.float32) / 255
-    images = np.broadcast_to(image, (PROTOCOL_BATCH, *image_shape)).astype(np.float32)  # gray in every channel
+    # The same gray digit in every channel and every row of the batch.
+    images = np.broadcast_to(image, (PROTOCOL_BATCH, *image_shape)).astype(np.float32)
     path = f"/v2/models/{model_name}-encoder/infer"
     entry = {"name": "images", "shape": list(images.shape), "datatype": "FP32"}
     header = json.dumps(
@@ -97,7 +98,8 @@ def build_scenarios(
     Inference Protocol from issue 16), keyed by name, in the order the suite runs them."""
     rng = np.random.default_rng(0)
     png = digit_png(image_height, image_width)
-    protocol_binary, protocol_json = protocol_requests(model_name, (image_channels, image_height, image_width))
+    image_shape = (image_channels, image_height, image_width)
+    protocol_binary, protocol_json = protocol_requests(model_name, image_shape)
     start, end = (rng.standard_normal(latent_dim).round(4).tolist() for _ in range(2))
     latents = rng.standard_normal((64, latent_dim)).round(4).tolist()
     scenarios = [
