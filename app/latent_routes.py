@@ -1,4 +1,5 @@
-"""The latent-space endpoints: POST /traverse and POST /edit. Parse -> model.latent_space -> format.
+"""The latent-space endpoints: POST /traverse, POST /edit and GET /latent-map. Parse -> model.latent_space
+-> format.
 
 Both start from one latent vector (JSON `{"latent": [...]}`) or one image (encoded to its posterior mean) and
 decode a set of frames through the decoder batcher; their options come from the query string.
@@ -19,10 +20,10 @@ from app.engine import Engine
 from app.errors import InvalidRequest, LimitExceeded, NonFiniteValues
 from app.inputs import images_to_array, read_latent_or_image
 from app.latents import label_index, latents_array
-from app.responses import image_response
-from app.routes import IMAGE_RESPONSES, FormatQuery, serving, versioned
+from app.responses import ArrayJSONResponse, image_response
+from app.routes import IMAGE_RESPONSES, PROBLEMS, FormatQuery, serving, versioned
 from app.routing import QueryRoute
-from app.schemas import FramesResponse, LatentRequest
+from app.schemas import FramesResponse, LatentMapResponse, LatentRequest
 from model.latent_space import LatentSpace, edit, traversal
 
 # Query parameters only (the body is read by the endpoint): see app/routing.py.
@@ -230,3 +231,31 @@ async def edit_route(
             **details,
         )
         return versioned(response, engine)
+
+
+@router.get(
+    "/latent-map",
+    tags=[MODEL_TAG],
+    response_model=LatentMapResponse,
+    responses={422: PROBLEMS[422], 503: PROBLEMS[503]},
+    summary="A 2-D map of the test split's latent codes, with labels and the projection that made it",
+    description="The test split's posterior means projected onto their first two principal components: "
+    "point = components @ (code - mean). A code's place on the map is computed the same way; a point "
+    "(x, y) back on the latent space is mean + x * components[0] + y * components[1].",
+)
+async def latent_map(request: Request) -> Response:
+    with serving(request) as (engine, _):
+        space = engine.latent_space
+        if space is None or not len(space.projection_points):
+            raise InvalidRequest(
+                "this model ships no latent map (latent_space.npz with a projection); export it again with "
+                "vae-export"
+            )
+        body = {
+            "points": space.projection_points.astype(np.float32),
+            "labels": space.projection_labels.astype(np.int64),
+            "label_names": list(space.labels),
+            "mean": space.projection_mean.astype(np.float32),
+            "components": space.projection_components.astype(np.float32),
+        }
+        return versioned(ArrayJSONResponse(body), engine)

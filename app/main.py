@@ -25,11 +25,13 @@ from app.metrics import Metrics
 from app.middleware import LoadShedder, MetricsMiddleware, RequestGuardMiddleware, RequestRecorder
 from app.oip.codec import HEADER_LENGTH_HEADER
 from app.oip.errors import ProtocolErrorMiddleware
-from app.oip.routes import document_protocol_errors, infer_queue
+from app.oip.routes import document_protocol, infer_queue
 from app.oip.routes import router as protocol_router
 from app.reload import ModelReloader
 from app.routes import FIRST_QUEUE_BY_ROUTE, MODEL_VERSION_HEADER, query_router, router
 from app.score_routes import router as score_router
+from app.web.routes import asset_mounts
+from app.web.routes import router as web_router
 
 DESCRIPTION = """\
 Encode, decode, sample, reconstruct and interpolate with a variational autoencoder on onnxruntime.
@@ -106,14 +108,18 @@ def create_app(
         description=DESCRIPTION,
         lifespan=lifespan,
         telemetry=FASTAPI_TELEMETRY,
+        docs_url=None,  # app/web serves /docs and /redoc with local assets instead of a CDN's
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.engine = None
     install_error_handlers(app)
-    for included in (query_router, latent_router, score_router, router, protocol_router, admin_router):
+    routers = (query_router, latent_router, score_router, router, protocol_router, admin_router, web_router)
+    for included in routers:
         # Into the app's own route list: include_router would add a lookup to every request (3% of /encode).
         app.router.routes.extend(included.routes)
+    app.router.routes.extend(asset_mounts())
     routes = list(app.routes)
 
     def openapi() -> dict[str, Any]:
@@ -122,7 +128,7 @@ def create_app(
                 title=app.title, version=app.version, description=app.description, routes=app.routes
             )
             document_security(schema, settings.api_key is not None, settings.protect_ops_endpoints)
-            document_protocol_errors(schema)
+            document_protocol(schema)
             app.openapi_schema = schema
         return app.openapi_schema
 

@@ -172,6 +172,16 @@ class FramesResponse(ImagesResponse):
     )
 
 
+class LatentMapResponse(BaseModel):
+    """GET /latent-map: the test split's codes in 2-D, and the projection."""
+
+    points: list[list[float]] = Field(description="(T, 2): each test image's code on the map.")
+    labels: list[int] = Field(description="(T,): index into label_names; -1 without labels.")
+    label_names: list[str]
+    mean: list[float] = Field(description="(latent_dim,): the codes' mean, the map's origin.")
+    components: list[list[float]] = Field(description="(2, latent_dim): the map's axes, orthonormal.")
+
+
 class ImageScores(BaseModel):
     negative_elbo: float = Field(description="Reconstruction NLL (mean over k draws) + KL, nats.")
     reconstruction_nll: float = Field(description="-log p(x|z), averaged over the k draws, nats.")

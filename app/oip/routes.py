@@ -191,9 +191,21 @@ class InferenceResponse(BaseModel):
     outputs: list[InferenceTensor]
 
 
-def document_protocol_errors(schema: dict[str, Any]) -> None:
-    """Drop the 422 FastAPI documents for every route with parameters: on /v2, a bad body is a 400 and
-    path parameters take any text, so 422 never comes back."""
+def _request_body_schema() -> tuple[dict[str, Any], dict[str, Any]]:
+    """The inference request's JSON schema, its nested models referenced from the document's components
+    (a schema's own `$defs` do not resolve inside an OpenAPI document), and those models."""
+    schema = InferenceRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+    return schema, schema.pop("$defs", {})
+
+
+_INFER_REQUEST_SCHEMA, _INFER_REQUEST_MODELS = _request_body_schema()
+
+
+def document_protocol(schema: dict[str, Any]) -> None:
+    """Finish the OpenAPI document for /v2: add the inference request's nested models to the components,
+    and drop the 422 FastAPI documents for every route with parameters (on /v2 a bad body is a 400, and
+    path parameters take any text, so 422 never comes back)."""
+    schema.setdefault("components", {}).setdefault("schemas", {}).update(_INFER_REQUEST_MODELS)
     for path, operations in schema.get("paths", {}).items():
         if path.startswith(PROTOCOL_PREFIX):
             for operation in operations.values():
@@ -228,7 +240,7 @@ _INFER_DOCS: dict[str, Any] = {
         "requestBody": {
             "required": True,
             "content": {
-                "application/json": {"schema": InferenceRequest.model_json_schema()},
+                "application/json": {"schema": _INFER_REQUEST_SCHEMA},
                 BINARY_MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}},
             },
         }

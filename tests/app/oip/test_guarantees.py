@@ -219,3 +219,23 @@ def test_browsers_may_send_and_read_binary_protocol_bodies(
     assert allowed.status_code == 200
     assert "inference-header-content-length" in allowed.headers["access-control-allow-headers"].lower()
     assert "inference-header-content-length" in answered.headers["access-control-expose-headers"].lower()
+
+
+def test_every_reference_in_the_openapi_document_resolves(client: TestClient) -> None:
+    schema = client.get("/openapi.json").json()
+    references: list[str] = []
+
+    def collect(node: object) -> None:
+        if isinstance(node, dict):
+            if isinstance(node.get("$ref"), str):
+                references.append(node["$ref"])
+            for value in node.values():
+                collect(value)
+        elif isinstance(node, list):
+            for value in node:
+                collect(value)
+
+    collect(schema)
+    assert references and all(reference.startswith("#/components/schemas/") for reference in references)
+    missing = {ref for ref in references if ref.rsplit("/", 1)[1] not in schema["components"]["schemas"]}
+    assert not missing

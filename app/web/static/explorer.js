@@ -1,0 +1,473 @@
+// The latent-space explorer: draw or upload a digit, see its reconstruction, posterior and scores; move
+// its code with one slider per dimension; traverse, edit, sample, interpolate, and browse the test set's map.
+import { ApiError, apiKey, call, canvasBlob, setApiKey } from "./api.js";
+
+const $ = (id) => document.getElementById(id);
+const SLIDER_RANGE = 4; // sliders span -4..4 in latent units
+const DEBOUNCE_MS = 25;
+const LABEL_COLOURS = [
+  "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
+  "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf",
+];
+
+const state = {
+  model: null, // GET /model
+  code: null, // the current latent code, Array of latent_dim numbers
+  drawing: null, // the drawing as a PNG Blob
+  ends: { start: null, end: null }, // interpolation ends, PNG Blobs
+  map: null, // GET /latent-map
+  cursor: [0, 0], // the map's keyboard cursor, in map coordinates
+};
+
+// --- errors and images ---------------------------------------------------------------------------
+
+function showError(error) {
+  const box = $("error");
+  box.textContent = error instanceof ApiError ? `${error.title} (${error.status}): ${error.detail}` : String(error);
+  box.hidden = false;
+}
+
+function clearError() {
+  $("error").hidden = true;
+  $("error").textContent = "";
+}
+
+// Run an action; show its error on the page instead of failing silently.
+async function guarded(action) {
+  try {
+    const result = await action();
+    clearError();
+    return result;
+  } catch (error) {
+    showError(error);
+    return undefined;
+  }
+}
+
+function showBlob(img, blob) {
+  const previous = img.dataset.url;
+  const url = URL.createObjectURL(blob);
+  img.src = url;
+  img.dataset.url = url;
+  if (previous) URL.revokeObjectURL(previous);
+  return url;
+}
+
+// Latest-wins debouncing: only the last call in a burst runs, and only its answer is shown.
+function debounced(action) {
+  let timer = null;
+  let generation = 0;
+  return (...args) => {
+    clearTimeout(timer);
+    const mine = ++generation;
+    timer = setTimeout(() => guarded(() => action(() => mine === generation, ...args)), DEBOUNCE_MS);
+  };
+}
+
+// --- the model and its controls ------------------------------------------------------------------
+
+function fillSelect(select, values, first) {
+  select.replaceChildren();
+  for (const [value, text] of first ? [first, ...values.map((v) => [v, v])] : values.map((v) => [v, v])) {
+    const option = document.createElement("option");
+    option.value = value;
+    option.textContent = text;
+    select.append(option);
+  }
+}
+
+async function loadModel() {
+  const model = await call("/model");
+  state.model = model;
+  const manifest = model.manifest;
+  const space = model.latent_space;
+  $("model-name").textContent =
+    `${manifest.name} ${manifest.version}: ${manifest.latent_dim} latent dimensions, on ${model.provider}`;
+  fillSelect($("prior"), space.priors);
+  $("prior").value = space.default_prior;
+  fillSelect($("label"), space.labels || [], ["", "any (use the prior)"]);
+  fillSelect($("to-label"), space.labels || [], ["", "choose"]);
+  fillSelect($("attribute"), (space.attributes || []).map((a) => a.name), ["", "choose"]);
+  buildSliders(manifest.latent_dim);
+  state.code = new Array(manifest.latent_dim).fill(0);
+  setSliders(state.code);
+  await decodeCode(() => true);
+}
+
+function buildSliders(latentDim) {
+  const box = $("sliders");
+  box.replaceChildren();
+  for (let dim = 0; dim < latentDim; dim++) {
+    const label = document.createElement("label");
+    label.htmlFor = `z${dim}`;
+    label.textContent = `z${dim}`;
+    const slider = document.createElement("input");
+    Object.assign(slider, { type: "range", id: `z${dim}`, min: -SLIDER_RANGE, max: SLIDER_RANGE, step: 0.05 });
+    slider.dataset.dim = dim;
+    const value = document.createElement("output");
+    value.id = `z${dim}-value`;
+    value.htmlFor = slider.id;
+    slider.addEventListener("input", () => {
+      state.code[dim] = Number(slider.value);
+      value.textContent = Number(slider.value).toFixed(2);
+      scheduleDecode();
+      drawMap();
+    });
+    box.append(label, slider, value);
+  }
+}
+
+function setSliders(code) {
+  code.forEach((value, dim) => {
+    const slider = $(`z${dim}`);
+    slider.value = value;
+    $(`z${dim}-value`).textContent = Number(value).toFixed(2);
+  });
+}
+
+// --- decoding the code ---------------------------------------------------------------------------
+
+async function decodeCode(current) {
+  const started = performance.now();
+  const blob = await call("/decode", { method: "POST", json: { latents: [state.code] }, accept: "image/png" });
+  if (!current()) return;
+  const elapsed = performance.now() - started;
+  showBlob($("decoded"), blob);
+  $("decoded").dataset.ms = elapsed.toFixed(1);
+  $("decoded-caption").textContent = `decoded code (${elapsed.toFixed(0)} ms)`;
+}
+
+const scheduleDecode = debounced(decodeCode);
+
+// --- drawing -------------------------------------------------------------------------------------
+
+function setUpPad() {
+  const pad = $("pad");
+  const context = pad.getContext("2d");
+  const clear = () => {
+    context.fillStyle = "#000";
+    context.fillRect(0, 0, pad.width, pad.height);
+  };
+  clear();
+  let last = null;
+  const point = (event) => {
+    const box = pad.getBoundingClientRect();
+    return [((event.clientX - box.left) * pad.width) / box.width, ((event.clientY - box.top) * pad.height) / box.height];
+  };
+  pad.addEventListener("pointerdown", (event) => {
+    pad.setPointerCapture(event.pointerId);
+    last = point(event);
+  });
+  pad.addEventListener("pointermove", (event) => {
+    if (!last) return;
+    const next = point(event);
+    Object.assign(context, { strokeStyle: "#fff", lineWidth: 20, lineCap: "round", lineJoin: "round" });
+    context.beginPath();
+    context.moveTo(...last);
+    context.lineTo(...next);
+    context.stroke();
+    last = next;
+  });
+  const finish = () => {
+    if (!last) return;
+    last = null;
+    analyseDrawing();
+  };
+  pad.addEventListener("pointerup", finish);
+  pad.addEventListener("pointercancel", finish);
+  $("clear").addEventListener("click", clear);
+  const drawFile = async (file) => {
+    const bitmap = await createImageBitmap(file);
+    clear();
+    context.drawImage(bitmap, 0, 0, pad.width, pad.height);
+    analyseDrawing();
+  };
+  $("upload").addEventListener("change", (event) => event.target.files[0] && guarded(() => drawFile(event.target.files[0])));
+  pad.addEventListener("dragover", (event) => event.preventDefault());
+  pad.addEventListener("drop", (event) => {
+    event.preventDefault();
+    const file = event.dataTransfer.files[0];
+    if (file) guarded(() => drawFile(file));
+  });
+}
+
+function upload(blob, field = "file") {
+  const form = new FormData();
+  form.append(field, blob, "drawing.png");
+  return form;
+}
+
+const analyseDrawing = debounced(async (current) => {
+  state.drawing = await canvasBlob($("pad"));
+  const [encoded, reconstruction, scores] = await Promise.all([
+    call("/encode", { method: "POST", form: upload(state.drawing) }),
+    call("/reconstruct", { method: "POST", form: upload(state.drawing), accept: "image/png" }),
+    call("/score?k=16&seed=0", { method: "POST", form: upload(state.drawing) }),
+  ]);
+  if (!current()) return;
+  const item = encoded.items[0];
+  showBlob($("reconstruction"), reconstruction);
+  drawPosterior(item.mean, item.std);
+  showVerdict(scores.items[0]);
+  state.code = item.mean.slice();
+  setSliders(state.code);
+  drawMap();
+  await Promise.all([decodeCode(current), traverse()]);
+});
+
+function drawPosterior(mean, std) {
+  const box = $("posterior");
+  box.replaceChildren();
+  const position = (value) => `${Math.min(100, Math.max(0, 50 + (value / SLIDER_RANGE) * 50))}%`;
+  mean.forEach((m, dim) => {
+    const label = document.createElement("span");
+    label.textContent = `z${dim}`;
+    const track = document.createElement("div");
+    track.className = "track";
+    track.title = `z${dim}: ${m.toFixed(2)} \u00b1 ${std[dim].toFixed(2)}`;
+    const zero = document.createElement("span");
+    zero.className = "zero";
+    const spread = document.createElement("span");
+    spread.className = "spread";
+    spread.style.left = position(m - std[dim]);
+    spread.style.right = `calc(100% - ${position(m + std[dim])})`;
+    const bar = document.createElement("span");
+    bar.className = "mean";
+    bar.style.left = position(m);
+    track.append(zero, spread, bar);
+    box.append(label, track);
+  });
+}
+
+function showVerdict(score) {
+  const box = $("verdict");
+  box.replaceChildren();
+  const verdict = document.createElement("p");
+  if (score.anomalous === null) {
+    verdict.textContent = "no reference scores: no verdict";
+  } else {
+    verdict.className = score.anomalous ? "anomalous" : "typical";
+    verdict.textContent = score.anomalous ? "Anomalous" : "Typical";
+  }
+  const details = document.createElement("p");
+  const percentile = score.percentile === null ? "" : `, percentile ${score.percentile.toFixed(1)}`;
+  const pValue = score.p_value === null ? "" : `, p = ${score.p_value.toFixed(3)}`;
+  details.textContent = `-ELBO ${score.negative_elbo.toFixed(1)} nats${percentile}${pValue}`;
+  box.append(verdict, details);
+}
+
+// --- traversals and edits ------------------------------------------------------------------------
+
+async function traverse() {
+  const blob = await call("/traverse?steps=9", { method: "POST", json: { latent: state.code }, accept: "image/png" });
+  showBlob($("traversal"), blob);
+}
+
+const scheduleEdit = debounced(async (current, kind) => {
+  const select = kind === "attribute" ? $("attribute") : $("to-label");
+  const amount = kind === "attribute" ? $("attribute-amount").value : $("label-amount").value;
+  if (!select.value) throw new Error(`choose ${kind === "attribute" ? "an attribute" : "a label"} first`);
+  const parameter = kind === "attribute" ? "attribute" : "to_label";
+  const query = `${parameter}=${encodeURIComponent(select.value)}&amounts=${amount}`;
+  const blob = await call(`/edit?${query}`, { method: "POST", json: { latent: state.code }, accept: "image/png" });
+  if (current()) showBlob($("edited"), blob);
+});
+
+// --- sampling ------------------------------------------------------------------------------------
+
+async function sample() {
+  const query = new URLSearchParams({ n: $("count").value, seed: $("seed").value, temperature: $("temperature").value });
+  // A label samples that label's own density; otherwise the chosen prior.
+  if ($("label").value) query.set("label", $("label").value);
+  else query.set("prior", $("prior").value);
+  const blob = await call(`/sample?${query}`, { accept: "image/png" });
+  const link = $("download");
+  link.href = showBlob($("samples"), blob);
+  link.hidden = false;
+}
+
+// --- interpolation -------------------------------------------------------------------------------
+
+async function setEnd(name, blob) {
+  if (!blob) throw new Error("draw or upload a digit first");
+  state.ends[name] = blob;
+  showBlob($(`${name}-image`), blob);
+}
+
+async function interpolate() {
+  if (!state.ends.start || !state.ends.end) throw new Error("choose a start and an end image first");
+  const form = new FormData();
+  form.append("start", state.ends.start, "start.png");
+  form.append("end", state.ends.end, "end.png");
+  form.append("steps", $("steps").value);
+  form.append("method", $("method").value);
+  const strip = await call(`/interpolate?columns=${$("steps").value}`, { method: "POST", form, accept: "image/png" });
+  showBlob($("strip"), strip);
+}
+
+// --- the map -------------------------------------------------------------------------------------
+
+function mapFrame() {
+  const points = state.map.points;
+  const xs = points.map((p) => p[0]);
+  const ys = points.map((p) => p[1]);
+  const pad = 0.08;
+  const [x0, x1, y0, y1] = [Math.min(...xs), Math.max(...xs), Math.min(...ys), Math.max(...ys)];
+  const width = x1 - x0 || 1;
+  const height = y1 - y0 || 1;
+  return { x0: x0 - pad * width, y0: y0 - pad * height, width: width * (1 + 2 * pad), height: height * (1 + 2 * pad) };
+}
+
+function toCanvas(frame, canvas, [x, y]) {
+  return [((x - frame.x0) / frame.width) * canvas.width, (1 - (y - frame.y0) / frame.height) * canvas.height];
+}
+
+function fromCanvas(frame, canvas, [u, v]) {
+  return [frame.x0 + (u / canvas.width) * frame.width, frame.y0 + (1 - v / canvas.height) * frame.height];
+}
+
+function project(code) {
+  const { mean, components } = state.map;
+  return components.map((axis) => axis.reduce((sum, weight, dim) => sum + weight * (code[dim] - mean[dim]), 0));
+}
+
+function drawMap() {
+  if (!state.map) return;
+  const canvas = $("map");
+  const context = canvas.getContext("2d");
+  const frame = mapFrame();
+  context.fillStyle = "#fff";
+  context.fillRect(0, 0, canvas.width, canvas.height);
+  state.map.points.forEach((point, index) => {
+    const label = state.map.labels[index];
+    context.fillStyle = label >= 0 ? LABEL_COLOURS[label % LABEL_COLOURS.length] : "#888";
+    const [u, v] = toCanvas(frame, canvas, point);
+    context.fillRect(u - 2, v - 2, 4, 4);
+  });
+  const marks = [[project(state.code), "#000", 9]];
+  if (document.activeElement === canvas) marks.push([state.cursor, "#2563eb", 6]);
+  for (const [where, colour, size] of marks) {
+    const [u, v] = toCanvas(frame, canvas, where);
+    Object.assign(context, { strokeStyle: colour, lineWidth: 2 });
+    context.beginPath();
+    context.moveTo(u - size, v);
+    context.lineTo(u + size, v);
+    context.moveTo(u, v - size);
+    context.lineTo(u, v + size);
+    context.stroke();
+  }
+}
+
+function decodeMapPoint([x, y]) {
+  const { mean, components } = state.map;
+  state.code = mean.map((m, dim) => m + x * components[0][dim] + y * components[1][dim]);
+  setSliders(state.code);
+  drawMap();
+  scheduleDecode();
+}
+
+async function loadMap() {
+  try {
+    state.map = await call("/latent-map");
+  } catch (error) {
+    if (error instanceof ApiError && error.status === 422) {
+      $("legend").textContent = error.detail; // this model ships no map: say so in place
+      return;
+    }
+    throw error;
+  }
+  state.cursor = [0, 0];
+  const legend = $("legend");
+  legend.replaceChildren();
+  state.map.label_names.forEach((name, index) => {
+    const entry = document.createElement("span");
+    const swatch = document.createElement("span");
+    swatch.className = "swatch";
+    swatch.style.background = LABEL_COLOURS[index % LABEL_COLOURS.length];
+    entry.append(swatch, name);
+    legend.append(entry);
+  });
+  drawMap();
+}
+
+function setUpMap() {
+  const canvas = $("map");
+  canvas.addEventListener("click", (event) => {
+    if (!state.map) return;
+    const box = canvas.getBoundingClientRect();
+    const u = ((event.clientX - box.left) * canvas.width) / box.width;
+    const v = ((event.clientY - box.top) * canvas.height) / box.height;
+    state.cursor = fromCanvas(mapFrame(), canvas, [u, v]);
+    decodeMapPoint(state.cursor);
+  });
+  canvas.addEventListener("keydown", (event) => {
+    if (!state.map) return;
+    const frame = mapFrame();
+    const step = { ArrowLeft: [-1, 0], ArrowRight: [1, 0], ArrowUp: [0, 1], ArrowDown: [0, -1] }[event.key];
+    if (step) {
+      event.preventDefault();
+      state.cursor = [state.cursor[0] + (step[0] * frame.width) / 40, state.cursor[1] + (step[1] * frame.height) / 40];
+      drawMap();
+    } else if (event.key === "Enter" || event.key === " ") {
+      event.preventDefault();
+      decodeMapPoint(state.cursor);
+    }
+  });
+  canvas.addEventListener("focus", drawMap);
+  canvas.addEventListener("blur", drawMap);
+}
+
+// --- wiring --------------------------------------------------------------------------------------
+
+async function start() {
+  await guarded(async () => {
+    await loadModel();
+    await loadMap();
+    await sample();
+  });
+}
+
+function init() {
+  $("api-key").value = apiKey();
+  $("key-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    setApiKey($("api-key").value.trim());
+    start();
+  });
+  setUpPad();
+  setUpMap();
+  $("traverse").addEventListener("click", () => guarded(traverse));
+  $("attribute").addEventListener("change", () => scheduleEdit("attribute"));
+  $("attribute-amount").addEventListener("input", () => {
+    $("attribute-value").textContent = $("attribute-amount").value;
+    scheduleEdit("attribute");
+  });
+  $("to-label").addEventListener("change", () => scheduleEdit("label"));
+  $("label-amount").addEventListener("input", () => {
+    $("label-value").textContent = $("label-amount").value;
+    scheduleEdit("label");
+  });
+  $("temperature").addEventListener("input", () => {
+    $("temperature-value").textContent = $("temperature").value;
+  });
+  $("sample-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    guarded(sample);
+  });
+  $("reroll").addEventListener("click", () => {
+    $("seed").value = Math.floor(Math.random() * 1_000_000);
+    guarded(sample);
+  });
+  $("use-start").addEventListener("click", () => guarded(() => setEnd("start", state.drawing)));
+  $("use-end").addEventListener("click", () => guarded(() => setEnd("end", state.drawing)));
+  for (const name of ["start", "end"]) {
+    $(`${name}-upload`).addEventListener("change", (event) => {
+      const file = event.target.files[0];
+      if (file) guarded(() => setEnd(name, file));
+    });
+  }
+  $("interpolate").addEventListener("click", () => guarded(interpolate));
+  start();
+}
+
+init();
