@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -17,6 +18,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 PROTOCOL_SECTION = "Open Inference Protocol (KServe v2, Triton)"
+CLIENT_SECTION = "The explorer, docs and the Python client"
 
 
 def readme_section(heading: str) -> str:
@@ -45,6 +47,7 @@ def test_readme_has_an_example_for_every_endpoint() -> None:
         "/traverse",
         "/edit",
         "/score",
+        "/latent-map",
     )
     for path in (*endpoints, "/healthz", "/readyz"):
         assert f"localhost:8000{path}" in commands, path
@@ -88,17 +91,33 @@ def test_readme_curl_examples_work(deploy: Any, processes: Any, tmp_path: Path) 
 
 
 @pytest.mark.slow
-def test_readme_tritonclient_example_works(deploy: Any, processes: Any, tmp_path: Path) -> None:
-    (example,) = re.findall(r"```python\n(.*?)```", readme_section(PROTOCOL_SECTION), flags=re.DOTALL)
+@pytest.mark.parametrize(
+    ("heading", "printed"),
+    [(PROTOCOL_SECTION, "(64, 1, 28, 28)"), (CLIENT_SECTION, "")],
+    ids=["tritonclient", "client"],
+)
+def test_readme_python_examples_work(
+    deploy: Any, processes: Any, tmp_path: Path, heading: str, printed: str
+) -> None:
+    (example,) = re.findall(r"```python\n(.*?)```", readme_section(heading), flags=re.DOTALL)
     port = deploy.free_port()
     server = processes.start(
         [deploy.installed_script("vae-serve")], deploy.service_environment(port), tmp_path, "vae-serve"
     )
-    processes.wait_until_answering(server, f"http://127.0.0.1:{port}/readyz", timeout_seconds=60)
+    base_url = f"http://127.0.0.1:{port}"
+    processes.wait_until_answering(server, f"{base_url}/readyz", timeout_seconds=60)
+    for name, seed in (("digit.png", 3), ("other.png", 4)):  # as the API section's first commands make them
+        (tmp_path / name).write_bytes(
+            httpx.get(f"{base_url}/sample?n=1&seed={seed}", headers={"Accept": "image/png"}).content
+        )
     script = tmp_path / "example.py"
-    script.write_text(example.replace("localhost:8000", f"127.0.0.1:{port}"))
+    script.write_text(
+        example.replace("localhost:8000", f"127.0.0.1:{port}").replace("http://127.0.0.1:8000", base_url)
+    )
     result = subprocess.run(
         [sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, check=False, timeout=60
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "(64, 1, 28, 28)"
+    assert result.stdout.strip() == printed
+    if heading == CLIENT_SECTION:
+        assert (tmp_path / "grid.png").read_bytes().startswith(PNG_SIGNATURE)
