@@ -135,9 +135,7 @@ def test_the_async_client_gives_the_same_answers(client: VaeClient, server: str)
 
     async def run() -> tuple[np.ndarray, np.ndarray]:
         async with AsyncVaeClient(server, api_key=KEY) as connection:
-            encoding, samples = await asyncio.gather(
-                connection.encode(images), connection.sample(3, seed=5)
-            )
+            encoding, samples = await asyncio.gather(connection.encode(images), connection.sample(3, seed=5))
             return encoding.mean, samples.images
 
     mean, sampled = asyncio.run(run())
