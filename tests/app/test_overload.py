@@ -32,9 +32,14 @@ SEEDS = range(16)
 KEEPALIVE_EXPIRY_SECONDS = 1.0
 CLIENT_TIMEOUT_SECONDS = 10  # a request unanswered this long counts as a hang
 # The load generator would skip a launch rather than open more, each open request holding a connection. At
-# four times capacity about 200 are open, and 700 to 1,000 at the peak of a 60 s soak.
+# four times capacity about 200 are open, and 700 to 1,000 at the peak of a 60 s soak; on a slower day of
+# the shared 2-core machine (half the HTTP throughput) the peak reaches the cap.
 MAX_OPEN_REQUESTS = 2048
-SKIPPED_LIMIT_FRACTION = 0.001  # of the schedule: room for a stall of the load generator itself
+# Skipped launches lower the offered load, so this bounds the test's own validity: with at most 10%
+# skipped, the server still saw at least 3.6 times its capacity. (On 2026-12-02 the commit before the
+# Open Inference Protocol skipped 0.5% and 6% in two runs on that machine; 0.1% was the bound until then.)
+# Hangs, wrong answers and slow health probes are asserted apart.
+SKIPPED_LIMIT_FRACTION = 0.1
 SCHEDULE_OVERRUN_LIMIT = 1.05  # launching took at most this times the soak: the offered rate was kept
 HEALTH_PROBE_INTERVAL_SECONDS = 0.1
 HEALTH_P99_LIMIT_SECONDS = 1.0
