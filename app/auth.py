@@ -19,22 +19,34 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.errors import AdminDisabled, Unauthorized, VaeError
 
-Access = Literal["model", "admin", "ops"]
+Access = Literal["public", "ops", "model", "admin"]
 MODEL_TAG, ADMIN_TAG = "model", "admin"
 # The Open Inference Protocol's model routes (app/oip): the same access as the model endpoints.
 INFERENCE_PROTOCOL_TAG = "open inference protocol"
 MODEL_ACCESS_TAGS = frozenset({MODEL_TAG, INFERENCE_PROTOCOL_TAG})
-_STRICTNESS: dict[Access, int] = {"ops": 0, "model": 1, "admin": 2}
+# The explorer's page and scripts (app/web): never behind the key, since a browser cannot send it when it
+# loads a page; they hold no data, and every call they make goes to a model endpoint, which checks the key.
+PUBLIC_TAG = "page"
+_STRICTNESS: dict[Access, int] = {"public": 0, "ops": 1, "model": 2, "admin": 3}
 BEARER_SCHEME, API_KEY_HEADER_SCHEME = "BearerAuth", "ApiKeyHeader"
 
 
 def route_access(routes: list[Any]) -> dict[str, Access]:
-    """Access level per route path (template), from the route's tags: "model", "admin", otherwise "ops"."""
+    """Access level per route path (template), from the route's tags: "admin", "model", "public" (the
+    explorer's page), otherwise "ops"."""
     levels: dict[str, Access] = {}
     for route in routes:
         path, tags = getattr(route, "path", None), set(getattr(route, "tags", None) or [])
         if isinstance(path, str):
-            levels[path] = "admin" if ADMIN_TAG in tags else "model" if tags & MODEL_ACCESS_TAGS else "ops"
+            levels[path] = (
+                "admin"
+                if ADMIN_TAG in tags
+                else "model"
+                if tags & MODEL_ACCESS_TAGS
+                else "public"
+                if PUBLIC_TAG in tags
+                else "ops"
+            )
     return levels
 
 
@@ -88,6 +100,8 @@ class ApiKeyPolicy:
 
     def required(self, path: str) -> bool:
         level = self.level(path)
+        if level == "public":
+            return False
         if level == "admin":
             return True
         return self.api_key is not None and (level == "model" or self.protect_ops_endpoints)

@@ -1,8 +1,8 @@
 """A typed Python client for vae-service (httpx; sync and async), and the `vae-client` command.
 
-Imports neither FastAPI nor onnxruntime: it needs httpx, numpy and Pillow only (`pip install
-'vae-service[client]'`). Results are numpy arrays and PIL images; error answers become `ServiceError`
-subclasses carrying the problem's status, title and detail.
+Imports neither FastAPI nor onnxruntime: at run time it needs httpx, numpy and Pillow only (`pip install
+'vae-service[client]'` adds httpx, and tqdm for `vae-client`). Results are numpy arrays and PIL images;
+error answers become `ServiceError` subclasses carrying the problem's status, title and detail.
 """
 
 from app.client.api import (

@@ -87,10 +87,18 @@ class Call(Generic[T]):
 
 
 def to_pil(image: np.ndarray) -> Image.Image:
-    """(C, H, W) or (H, W) floats in [0, 1] -> a PIL image ("L" or "RGB")."""
+    """(C, H, W), (H, W, C) with C 1 or 3, or (H, W); floats in [0, 1] or uint8 -> a PIL image ("L" or
+    "RGB"). ValueError for any other shape: a batch of images is 4-D, (N, C, H, W)."""
     array = np.asarray(image)
-    if array.ndim == 3:
-        array = array[0] if array.shape[0] == 1 else np.moveaxis(array, 0, -1)
+    if array.ndim == 3 and array.shape[0] in (1, 3):
+        array = np.moveaxis(array, 0, -1)
+    if array.ndim == 3 and array.shape[-1] in (1, 3):
+        array = array[..., 0] if array.shape[-1] == 1 else array
+    elif array.ndim != 2:
+        raise ValueError(
+            f"an image array is (C, H, W), (H, W, C) with C 1 or 3, or (H, W); got shape {array.shape} "
+            "(a batch of images is (N, C, H, W))"
+        )
     if array.dtype != np.uint8:
         array = (np.clip(array, 0.0, 1.0) * 255).round().astype(np.uint8)
     return Image.fromarray(array)

@@ -14,6 +14,7 @@ import argparse
 import csv
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -23,7 +24,13 @@ import numpy as np
 from tqdm import tqdm
 
 from app.client.api import DEFAULT_URL, VaeClient
-from app.client.errors import ServiceError
+from app.client.errors import (
+    InvalidInput,
+    PayloadTooLarge,
+    ServiceError,
+    ServiceUnavailable,
+    UnsupportedMediaType,
+)
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 T = TypeVar("T")
@@ -63,19 +70,70 @@ def image_files(folder: Path) -> list[Path]:
     """The images in `folder` (not recursive), sorted by name."""
     if not folder.is_dir():
         raise SystemExit(f"error: {folder} is not a folder")
-    files = sorted(path for path in folder.iterdir() if path.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(
+        path
+        for path in folder.iterdir()
+        if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file() and not path.name.startswith(".")
+    )
     if not files:
         raise SystemExit(f"error: {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     return files
 
 
-def in_batches(files: list[Path], size: int, what: str, run: Callable[[list[Path]], T]) -> list[T]:
-    """`run` on consecutive batches of at most `size` files, with a progress bar on a terminal."""
+# Room in each upload for the multipart framing of one file (boundaries and part headers).
+MULTIPART_OVERHEAD_BYTES = 512
+RETRIES_WHEN_BUSY = 5
+
+
+def batched(files: list[Path], max_items: int, max_body_bytes: int) -> list[list[Path]]:
+    """Consecutive batches of at most `max_items` files whose upload fits in `max_body_bytes`."""
+    batches: list[list[Path]] = []
+    batch: list[Path] = []
+    size = MULTIPART_OVERHEAD_BYTES
+    for path in files:
+        file_bytes = path.stat().st_size + MULTIPART_OVERHEAD_BYTES
+        if file_bytes + MULTIPART_OVERHEAD_BYTES > max_body_bytes:
+            raise SystemExit(
+                f"error: {path} is {path.stat().st_size} bytes; the service takes bodies up to "
+                f"{max_body_bytes} bytes"
+            )
+        if batch and (len(batch) == max_items or size + file_bytes > max_body_bytes):
+            batches.append(batch)
+            batch, size = [], MULTIPART_OVERHEAD_BYTES
+        batch.append(path)
+        size += file_bytes
+    if batch:
+        batches.append(batch)
+    return batches
+
+
+def run_batch(run: Callable[[list[Path]], T], batch: list[Path]) -> T:
+    """`run` on one batch: retried while the service is busy (503, after its Retry-After); a refused
+    image is named (the batch is tried one file at a time to find it)."""
+    for attempt in range(RETRIES_WHEN_BUSY + 1):
+        try:
+            return run(batch)
+        except ServiceUnavailable as error:
+            if attempt == RETRIES_WHEN_BUSY:
+                raise
+            time.sleep(error.retry_after or 1.0)
+        except (InvalidInput, UnsupportedMediaType, PayloadTooLarge) as error:
+            if len(batch) == 1:
+                raise SystemExit(f"error: {batch[0]}: {error}") from None
+            for path in batch:
+                run_batch(run, [path])
+            raise
+    raise AssertionError("unreachable")
+
+
+def in_batches(
+    files: list[Path], limits: dict[str, Any], max_items: int, what: str, run: Callable[[list[Path]], T]
+) -> list[T]:
+    """`run` on consecutive batches that fit the service's limits, with a progress bar on a terminal."""
     results = []
     with tqdm(total=len(files), unit="image", desc=what, disable=None) as progress:
-        for start in range(0, len(files), size):
-            batch = files[start : start + size]
-            results.append(run(batch))
+        for batch in batched(files, max_items, limits["max_body_bytes"]):
+            results.append(run_batch(run, batch))
             progress.update(len(batch))
     return results
 
@@ -91,8 +149,10 @@ def sample_command(client: VaeClient, args: argparse.Namespace) -> str:
 
 def encode_command(client: VaeClient, args: argparse.Namespace) -> str:
     files = image_files(args.folder)
-    size = client.model()["limits"]["max_items_per_request"]
-    encodings = in_batches(files, size, "encode", lambda batch: client.encode(list(batch)))
+    limits = client.model()["limits"]
+    encodings = in_batches(
+        files, limits, limits["max_items_per_request"], "encode", lambda batch: client.encode(list(batch))
+    )
     mean = np.concatenate([encoding.mean for encoding in encodings])
     np.save(args.output, mean)
     if args.log_var is not None:
@@ -109,7 +169,7 @@ def score_command(client: VaeClient, args: argparse.Namespace) -> str:
     decodes = min(limits["max_score_decodes"], model["batching"]["max_queue_items"])
     size = max(1, min(limits["max_items_per_request"], decodes // (args.k + 1)))
     results = in_batches(
-        files, size, "score", lambda batch: client.score(list(batch), k=args.k, seed=args.seed)
+        files, limits, size, "score", lambda batch: client.score(list(batch), k=args.k, seed=args.seed)
     )
     rows: list[dict[str, Any]] = [
         {"file": path.name, **item}
@@ -137,6 +197,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(COMMANDS[args.command](client, args))
     except ServiceError as error:
         print(f"error: {error}", file=sys.stderr)
+        return 1
+    except httpx.TimeoutException as error:
+        print(f"error: no answer from {args.url} within {args.timeout:g} s: {error!r}", file=sys.stderr)
         return 1
     except httpx.TransportError as error:
         print(f"error: cannot reach the service at {args.url}: {error}", file=sys.stderr)

@@ -8,9 +8,12 @@ from pathlib import Path
 import fastapi_offline
 from fastapi import APIRouter, Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from starlette.exceptions import HTTPException
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Mount
 from starlette.staticfiles import StaticFiles
+
+from app.auth import PUBLIC_TAG
 
 STATIC_DIR = Path(__file__).parent / "static"
 EXPLORER_ASSETS = "/explorer/assets"
@@ -20,7 +23,7 @@ DOCS_ASSETS_DIR = Path(fastapi_offline.__file__).parent / "static"
 # The explorer's page may load only what the service serves: no CDN, no fonts, no analytics.
 CONTENT_SECURITY_POLICY = (
     "default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'; "
-    "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
+    "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 )
 
 # ReDoc's sidebar shows a logo fetched from Redocly's CDN; the local copy shows the favicon instead.
@@ -36,15 +39,35 @@ def redoc_script() -> bytes:
     return script.replace(REDOC_REMOTE_LOGO, f"{DOCS_ASSETS}/favicon.png".encode())
 
 
-@router.get("/")
+@cache
+def explorer_files() -> dict[str, tuple[bytes, str]]:
+    """The explorer's scripts and styles by file name, with their media types."""
+    media_types = {".js": "text/javascript", ".css": "text/css"}
+    return {
+        path.name: (path.read_bytes(), media_types[path.suffix])
+        for path in STATIC_DIR.iterdir()
+        if path.suffix in media_types
+    }
+
+
+@router.get("/", tags=[PUBLIC_TAG])
 async def home() -> Response:
     return RedirectResponse("/explorer", status_code=307)
 
 
-@router.get("/explorer")
+@router.get("/explorer", tags=[PUBLIC_TAG])
 async def explorer() -> Response:
     page = (STATIC_DIR / "index.html").read_bytes()
     return HTMLResponse(page, headers={"Content-Security-Policy": CONTENT_SECURITY_POLICY})
+
+
+@router.get(EXPLORER_ASSETS + "/{name}", tags=[PUBLIC_TAG])
+async def explorer_asset(name: str) -> Response:
+    found = explorer_files().get(name)
+    if found is None:
+        raise HTTPException(404)
+    content, media_type = found
+    return Response(content, media_type=media_type)
 
 
 @router.get("/docs")
@@ -77,8 +100,5 @@ async def redoc(request: Request) -> HTMLResponse:
 
 
 def asset_mounts() -> list[BaseRoute]:
-    """The explorer's files and the documentation's, as static mounts."""
-    return [
-        Mount(EXPLORER_ASSETS, StaticFiles(directory=STATIC_DIR), name="explorer-assets"),
-        Mount(DOCS_ASSETS, StaticFiles(directory=DOCS_ASSETS_DIR), name="docs-assets"),
-    ]
+    """The documentation's files, as a static mount (behind the key with the docs, when ops endpoints are)."""
+    return [Mount(DOCS_ASSETS, StaticFiles(directory=DOCS_ASSETS_DIR), name="docs-assets")]

@@ -13,11 +13,26 @@ const LABEL_COLOURS = [
 const state = {
   model: null, // GET /model
   code: null, // the current latent code, Array of latent_dim numbers
-  drawing: null, // the drawing as a PNG Blob
   ends: { start: null, end: null }, // interpolation ends, PNG Blobs
   map: null, // GET /latent-map
+  frame: null, // the map's bounds, computed once per map
   cursor: [0, 0], // the map's keyboard cursor, in map coordinates
+  codeVersion: 0, // bumped whenever state.code changes: answers for an older code are dropped
+  tokens: {}, // latest-wins tokens per output (samples, strip)
 };
+
+function setCode(code) {
+  state.code = code;
+  state.codeVersion += 1;
+}
+
+// A token for one output; `isLatest(name, token)` is false once a newer request for it has started.
+function nextToken(name) {
+  state.tokens[name] = (state.tokens[name] || 0) + 1;
+  return state.tokens[name];
+}
+
+const isLatest = (name, token) => state.tokens[name] === token;
 
 // --- errors and images ---------------------------------------------------------------------------
 
@@ -88,10 +103,25 @@ async function loadModel() {
   fillSelect($("label"), space.labels || [], ["", "any (use the prior)"]);
   fillSelect($("to-label"), space.labels || [], ["", "choose"]);
   fillSelect($("attribute"), (space.attributes || []).map((a) => a.name), ["", "choose"]);
+  const attributes = space.attributes || [];
+  const labels = space.labels || [];
+  for (const [id, usable] of [["attribute", attributes.length], ["attribute-amount", attributes.length],
+    ["to-label", labels.length], ["label-amount", labels.length], ["label", labels.length]]) {
+    $(id).disabled = !usable; // a model without them offers no such edits or samples
+  }
+  $("count").max = model.limits.max_sample_n;
+  $("steps").max = model.limits.max_interpolation_steps;
   buildSliders(manifest.latent_dim);
-  state.code = new Array(manifest.latent_dim).fill(0);
+  setCode(new Array(manifest.latent_dim).fill(0));
   setSliders(state.code);
   await decodeCode(() => true);
+}
+
+// Posterior samples per /score call: 16, or less where the service's limits allow less.
+function scoreSamples() {
+  const { limits, batching } = state.model;
+  const decodes = Math.min(limits.max_score_decodes, batching.max_queue_items);
+  return Math.max(1, Math.min(16, limits.max_score_samples, decodes - 1));
 }
 
 function buildSliders(latentDim) {
@@ -108,7 +138,9 @@ function buildSliders(latentDim) {
     value.id = `z${dim}-value`;
     value.htmlFor = slider.id;
     slider.addEventListener("input", () => {
-      state.code[dim] = Number(slider.value);
+      const code = state.code.slice();
+      code[dim] = Number(slider.value);
+      setCode(code);
       value.textContent = Number(slider.value).toFixed(2);
       scheduleDecode();
       drawMap();
@@ -129,8 +161,9 @@ function setSliders(code) {
 
 async function decodeCode(current) {
   const started = performance.now();
+  const version = state.codeVersion;
   const blob = await call("/decode", { method: "POST", json: { latents: [state.code] }, accept: "image/png" });
-  if (!current()) return;
+  if (!current() || version !== state.codeVersion) return; // the code moved on meanwhile
   const elapsed = performance.now() - started;
   showBlob($("decoded"), blob);
   $("decoded").dataset.ms = elapsed.toFixed(1);
@@ -149,27 +182,35 @@ function setUpPad() {
     context.fillRect(0, 0, pad.width, pad.height);
   };
   clear();
-  let last = null;
+  let last = null; // the drawing pointer's last point
+  let drawingPointer = null; // one pointer draws at a time: a second finger is ignored
   const point = (event) => {
     const box = pad.getBoundingClientRect();
     return [((event.clientX - box.left) * pad.width) / box.width, ((event.clientY - box.top) * pad.height) / box.height];
   };
-  pad.addEventListener("pointerdown", (event) => {
-    pad.setPointerCapture(event.pointerId);
-    last = point(event);
-  });
-  pad.addEventListener("pointermove", (event) => {
-    if (!last) return;
-    const next = point(event);
+  const line = (from, to) => {
     Object.assign(context, { strokeStyle: "#fff", lineWidth: 20, lineCap: "round", lineJoin: "round" });
     context.beginPath();
-    context.moveTo(...last);
-    context.lineTo(...next);
+    context.moveTo(...from);
+    context.lineTo(...to);
     context.stroke();
+  };
+  pad.addEventListener("pointerdown", (event) => {
+    if (drawingPointer !== null || event.button !== 0) return; // primary button, pen tip or finger only
+    drawingPointer = event.pointerId;
+    pad.setPointerCapture(event.pointerId);
+    last = point(event);
+    line(last, last); // a tap leaves a dot
+  });
+  pad.addEventListener("pointermove", (event) => {
+    if (event.pointerId !== drawingPointer) return;
+    const next = point(event);
+    line(last, next);
     last = next;
   });
-  const finish = () => {
-    if (!last) return;
+  const finish = (event) => {
+    if (event.pointerId !== drawingPointer) return;
+    drawingPointer = null;
     last = null;
     analyseDrawing();
   };
@@ -182,10 +223,15 @@ function setUpPad() {
     context.drawImage(bitmap, 0, 0, pad.width, pad.height);
     analyseDrawing();
   };
-  $("upload").addEventListener("change", (event) => event.target.files[0] && guarded(() => drawFile(event.target.files[0])));
-  pad.addEventListener("dragover", (event) => event.preventDefault());
+  $("upload").addEventListener("change", (event) => {
+    const file = event.target.files[0];
+    event.target.value = ""; // choosing the same file again is a change too
+    if (file) guarded(() => drawFile(file));
+  });
+  // A file dropped anywhere but the pad must not make the browser leave the page.
+  window.addEventListener("dragover", (event) => event.preventDefault());
+  window.addEventListener("drop", (event) => event.preventDefault());
   pad.addEventListener("drop", (event) => {
-    event.preventDefault();
     const file = event.dataTransfer.files[0];
     if (file) guarded(() => drawFile(file));
   });
@@ -198,26 +244,32 @@ function upload(blob, field = "file") {
 }
 
 const analyseDrawing = debounced(async (current) => {
-  state.drawing = await canvasBlob($("pad"));
-  const [encoded, reconstruction, scores] = await Promise.all([
-    call("/encode", { method: "POST", form: upload(state.drawing) }),
-    call("/reconstruct", { method: "POST", form: upload(state.drawing), accept: "image/png" }),
-    call("/score?k=16&seed=0", { method: "POST", form: upload(state.drawing) }),
+  const drawing = await canvasBlob($("pad"));
+  const version = state.codeVersion;
+  // The score is asked for on its own: a model or limits that refuse it still show everything else.
+  const scored = call(`/score?k=${scoreSamples()}&seed=0`, { method: "POST", form: upload(drawing) });
+  const [encoded, reconstruction] = await Promise.all([
+    call("/encode", { method: "POST", form: upload(drawing) }),
+    call("/reconstruct", { method: "POST", form: upload(drawing), accept: "image/png" }),
   ]);
   if (!current()) return;
   const item = encoded.items[0];
   showBlob($("reconstruction"), reconstruction);
   drawPosterior(item.mean, item.std);
-  showVerdict(scores.items[0]);
-  state.code = item.mean.slice();
-  setSliders(state.code);
-  drawMap();
+  scored.then((scores) => current() && showVerdict(scores.items[0]), (error) => current() && showVerdict(null, error));
+  if (version === state.codeVersion) { // unless the user moved the code meanwhile, it becomes the drawing's
+    setCode(item.mean.slice());
+    setSliders(state.code);
+    drawMap();
+  }
   await Promise.all([decodeCode(current), traverse()]);
 });
 
 function drawPosterior(mean, std) {
   const box = $("posterior");
   box.replaceChildren();
+  const values = mean.map((m, dim) => `z${dim} ${m.toFixed(2)} plus or minus ${std[dim].toFixed(2)}`);
+  box.setAttribute("aria-label", `Posterior mean and standard deviation: ${values.join("; ")}`);
   const position = (value) => `${Math.min(100, Math.max(0, 50 + (value / SLIDER_RANGE) * 50))}%`;
   mean.forEach((m, dim) => {
     const label = document.createElement("span");
@@ -239,10 +291,15 @@ function drawPosterior(mean, std) {
   });
 }
 
-function showVerdict(score) {
+function showVerdict(score, error) {
   const box = $("verdict");
   box.replaceChildren();
   const verdict = document.createElement("p");
+  if (error) {
+    verdict.textContent = `no scores: ${error instanceof ApiError ? error.detail : error}`;
+    box.append(verdict);
+    return;
+  }
   if (score.anomalous === null) {
     verdict.textContent = "no reference scores: no verdict";
   } else {
@@ -259,8 +316,10 @@ function showVerdict(score) {
 // --- traversals and edits ------------------------------------------------------------------------
 
 async function traverse() {
+  const version = state.codeVersion;
+  const token = nextToken("traversal");
   const blob = await call("/traverse?steps=9", { method: "POST", json: { latent: state.code }, accept: "image/png" });
-  showBlob($("traversal"), blob);
+  if (version === state.codeVersion && isLatest("traversal", token)) showBlob($("traversal"), blob);
 }
 
 const scheduleEdit = debounced(async (current, kind) => {
@@ -280,7 +339,9 @@ async function sample() {
   // A label samples that label's own density; otherwise the chosen prior.
   if ($("label").value) query.set("label", $("label").value);
   else query.set("prior", $("prior").value);
+  const token = nextToken("samples");
   const blob = await call(`/sample?${query}`, { accept: "image/png" });
+  if (!isLatest("samples", token)) return;
   const link = $("download");
   link.href = showBlob($("samples"), blob);
   link.hidden = false;
@@ -301,22 +362,26 @@ async function interpolate() {
   form.append("end", state.ends.end, "end.png");
   form.append("steps", $("steps").value);
   form.append("method", $("method").value);
+  const token = nextToken("strip");
   const strip = await call(`/interpolate?columns=${$("steps").value}`, { method: "POST", form, accept: "image/png" });
-  showBlob($("strip"), strip);
+  if (isLatest("strip", token)) showBlob($("strip"), strip);
 }
 
 // --- the map -------------------------------------------------------------------------------------
 
-function mapFrame() {
-  const points = state.map.points;
-  const xs = points.map((p) => p[0]);
-  const ys = points.map((p) => p[1]);
-  const pad = 0.08;
-  const [x0, x1, y0, y1] = [Math.min(...xs), Math.max(...xs), Math.min(...ys), Math.max(...ys)];
+// The map's bounds with a margin, worked out once per map (a loop: spreading many points into Math.min fails).
+function frameOf(points) {
+  let [x0, x1, y0, y1] = [Infinity, -Infinity, Infinity, -Infinity];
+  for (const [x, y] of points) {
+    [x0, x1, y0, y1] = [Math.min(x0, x), Math.max(x1, x), Math.min(y0, y), Math.max(y1, y)];
+  }
+  const margin = 0.08;
   const width = x1 - x0 || 1;
   const height = y1 - y0 || 1;
-  return { x0: x0 - pad * width, y0: y0 - pad * height, width: width * (1 + 2 * pad), height: height * (1 + 2 * pad) };
+  return { x0: x0 - margin * width, y0: y0 - margin * height, width: width * (1 + 2 * margin), height: height * (1 + 2 * margin) };
 }
+
+const mapFrame = () => state.frame;
 
 function toCanvas(frame, canvas, [x, y]) {
   return [((x - frame.x0) / frame.width) * canvas.width, (1 - (y - frame.y0) / frame.height) * canvas.height];
@@ -360,7 +425,7 @@ function drawMap() {
 
 function decodeMapPoint([x, y]) {
   const { mean, components } = state.map;
-  state.code = mean.map((m, dim) => m + x * components[0][dim] + y * components[1][dim]);
+  setCode(mean.map((m, dim) => m + x * components[0][dim] + y * components[1][dim]));
   setSliders(state.code);
   drawMap();
   scheduleDecode();
@@ -376,6 +441,7 @@ async function loadMap() {
     }
     throw error;
   }
+  state.frame = frameOf(state.map.points);
   state.cursor = [0, 0];
   const legend = $("legend");
   legend.replaceChildren();
@@ -420,11 +486,10 @@ function setUpMap() {
 // --- wiring --------------------------------------------------------------------------------------
 
 async function start() {
-  await guarded(async () => {
-    await loadModel();
-    await loadMap();
-    await sample();
-  });
+  state.model = null;
+  await guarded(loadModel);
+  if (!state.model) return; // the error is shown: a missing or wrong API key, say
+  await Promise.all([guarded(loadMap), guarded(sample)]);
 }
 
 function init() {
@@ -458,11 +523,13 @@ function init() {
     $("seed").value = Math.floor(Math.random() * 1_000_000);
     guarded(sample);
   });
-  $("use-start").addEventListener("click", () => guarded(() => setEnd("start", state.drawing)));
-  $("use-end").addEventListener("click", () => guarded(() => setEnd("end", state.drawing)));
+  for (const name of ["start", "end"]) { // the pad as it is now, not as it was last analysed
+    $(`use-${name}`).addEventListener("click", () => guarded(async () => setEnd(name, await canvasBlob($("pad")))));
+  }
   for (const name of ["start", "end"]) {
     $(`${name}-upload`).addEventListener("change", (event) => {
       const file = event.target.files[0];
+      event.target.value = "";
       if (file) guarded(() => setEnd(name, file));
     });
   }

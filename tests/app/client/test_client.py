@@ -44,7 +44,8 @@ MAX_BODY_BYTES = 100_000
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    flags = ("--api-key", KEY, "--max-body-bytes", str(MAX_BODY_BYTES))
+    # At most 4 images per request: vae-client's folder of 5 takes two batches.
+    flags = ("--api-key", KEY, "--max-body-bytes", str(MAX_BODY_BYTES), "--max-items-per-request", "4")
     with serving(tmp_path_factory.mktemp("client-server"), *flags) as (base_url, _):
         yield base_url
 
@@ -219,12 +220,23 @@ def test_vae_client_on_a_folder(server: str, tmp_path: Path) -> None:
     assert latents.shape == (5, 16)
     assert (tmp_path / "names.txt").read_text().split() == [f"{i:02d}.png" for i in range(5)]
     with VaeClient(server, api_key=KEY) as client:
-        np.testing.assert_allclose(latents, client.encode(digits(5)).mean, atol=1e-6)
+        by_client = [client.encode(batch).mean for batch in (digits(5)[:4], digits(5)[4:])]
+        np.testing.assert_allclose(latents, np.concatenate(by_client), atol=1e-6)
     assert "wrote scores of 5 images" in run("score", str(folder), "--csv", str(tmp_path / "scores.csv"))
     with (tmp_path / "scores.csv").open() as scores:
         rows = list(csv.DictReader(scores))
     assert [row["file"] for row in rows] == [f"{i:02d}.png" for i in range(5)]
     assert {"negative_elbo", "p_value", "anomalous"} <= set(rows[0])
+
+    (folder / "05.png").write_bytes(b"not a PNG at all")
+    broken = subprocess.run(
+        [*common, "encode", str(folder), "-o", str(tmp_path / "x.npy")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert broken.returncode == 1 and "05.png" in broken.stderr and "415" in broken.stderr
 
     refused = subprocess.run(
         [*vae_client(), "--url", server, "sample", "-o", str(tmp_path / "x.png")],
@@ -236,3 +248,12 @@ def test_vae_client_on_a_folder(server: str, tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert unreachable.returncode == 1 and "cannot reach the service" in unreachable.stderr
+
+
+def test_arrays_are_taken_as_one_image_or_refused_with_the_shapes_allowed() -> None:
+    gray = np.random.default_rng(0).random((28, 28), dtype=np.float32)
+    assert to_pil(gray).mode == "L" and to_pil(gray[None]).size == (28, 28)
+    assert to_pil(np.stack([gray] * 3)).mode == "RGB"  # (C, H, W)
+    assert to_pil((np.stack([gray] * 3, axis=-1) * 255).astype(np.uint8)).mode == "RGB"  # (H, W, C)
+    with pytest.raises(ValueError, match=r"got shape \(5, 28, 28\) \(a batch of images is \(N, C, H, W\)\)"):
+        to_pil(np.zeros((5, 28, 28)))

@@ -257,7 +257,7 @@ def test_a_wrong_api_key_is_shown_and_the_right_one_works(browser: Browser, keye
 
 
 def test_the_page_reads_well_on_a_narrow_screen(browser: Browser, server: str) -> None:
-    watched = open_page(browser, server + "/explorer", width=390, height=844)
+    watched = open_page(browser, server + "/explorer", width=320, height=720)  # WCAG reflow width
     page = watched.page
     wait_until(page, "document.querySelector('#samples').src !== ''")
     assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")

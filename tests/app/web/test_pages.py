@@ -4,12 +4,16 @@ any other host, and the latent map the explorer draws."""
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from html.parser import HTMLParser
+from pathlib import Path
 
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from app.config import Settings
+from app.main import create_app
 from app.web.routes import STATIC_DIR
 
 
@@ -73,3 +77,17 @@ def test_the_latent_map_projects_the_test_codes(latent_client: TestClient) -> No
 def test_a_model_without_a_latent_space_says_it_has_no_map(client: TestClient) -> None:
     response = client.get("/latent-map")
     assert response.status_code == 422 and "ships no latent map" in response.json()["detail"]
+
+
+def test_the_explorer_stays_open_when_operational_endpoints_need_the_key(
+    mnist_model_dir: Path, make_settings: Callable[..., Settings]
+) -> None:
+    settings = make_settings(mnist_model_dir, api_key="k", protect_ops_endpoints=True)
+    with TestClient(create_app(settings), raise_server_exceptions=False) as keyed:
+        assert keyed.get("/explorer").status_code == 200
+        assert keyed.get("/explorer/assets/explorer.js").status_code == 200
+        assert keyed.get("/", follow_redirects=False).status_code == 307
+        assert keyed.get("/explorer/assets/index.html").status_code == 404  # scripts and styles only
+        for path in ("/docs", "/docs/assets/swagger-ui.css", "/model", "/latent-map", "/metrics"):
+            assert keyed.get(path).status_code == 401, path
+        assert keyed.get("/model", headers={"X-API-Key": "k"}).status_code == 200
