@@ -200,8 +200,9 @@ class Settings(BaseSettings):
     protect_ops_endpoints: bool = Field(
         default=False,
         description=(
-            "When true (and an API key is set), /healthz, /readyz, /metrics, /docs and /openapi.json require "
-            "the API key too; by default they stay open for probes and scrapers."
+            "When true (and an API key is set), /healthz, /readyz, /metrics, /docs, /redoc, /openapi.json, "
+            "/v2 and /v2/health require the API key too; by default they stay open for probes and scrapers. "
+            "The explorer page stays open either way (its calls need the key)."
         ),
     )
     cors_allow_origins: Annotated[list[str] | None, NoDecode] = Field(
