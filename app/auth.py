@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import re
 from collections.abc import Mapping
 from typing import Any, Literal
 
 from pydantic import SecretStr
 from starlette.datastructures import Headers
-from starlette.routing import compile_path
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.errors import AdminDisabled, Unauthorized, VaeError
+from app.routing import path_templates
 
 Access = Literal["public", "ops", "model", "admin"]
 MODEL_TAG, ADMIN_TAG = "model", "admin"
@@ -50,12 +49,6 @@ def route_access(routes: list[Any]) -> dict[str, Access]:
     return levels
 
 
-def templated_access(access: Mapping[str, Access]) -> list[tuple[re.Pattern[str], Access]]:
-    """For paths with parameters (`/v2/models/{model_name}/infer`): the regex the router matches them by,
-    and their level."""
-    return [(compile_path(path)[0], level) for path, level in access.items() if "{" in path]
-
-
 def presented_keys(headers: Headers) -> list[str]:
     """The keys a request presents: `Authorization: Bearer <key>` and/or `X-API-Key: <key>`."""
     keys = []
@@ -86,7 +79,8 @@ class ApiKeyPolicy:
         self.api_key = api_key
         self.protect_ops_endpoints = protect_ops_endpoints
         self.access = access
-        self.templated = templated_access(access)
+        # Paths with parameters, by the router's own regexes.
+        self.templated = [(regex, access[path]) for regex, path in path_templates(access)]
 
     def level(self, path: str) -> Access:
         """The route's level; for a path with parameters, the strictest of the templates it matches."""

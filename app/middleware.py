@@ -16,6 +16,7 @@ from app.auth import ApiKeyPolicy
 from app.engine import Engine
 from app.errors import DeadlineExceeded, QueueFull, RequestTooLarge
 from app.metrics import Metrics
+from app.routing import path_templates
 
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 # Recorded as the status of requests whose client went away before an answer (nginx's convention).
@@ -29,14 +30,9 @@ class RequestRecorder:
 
     def __init__(self, metrics: Metrics, routes: Sequence[BaseRoute]) -> None:
         self.metrics = metrics
-        self.route_paths = frozenset(
-            path for route in routes if isinstance(path := getattr(route, "path", None), str)
-        )
-        self.templates = [
-            (route.path_regex, route.path)
-            for route in routes
-            if isinstance(route, Route | APIRoute) and "{" in route.path
-        ]
+        paths = [path for route in routes if isinstance(path := getattr(route, "path", None), str)]
+        self.route_paths = frozenset(paths)
+        self.templates = path_templates(paths)
         self._cache: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
 
     def record(self, scope: Scope, status: int, duration_seconds: float) -> None:

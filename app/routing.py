@@ -9,7 +9,8 @@ schema, the accepted values and the 422 errors stay FastAPI's, and then calls th
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Coroutine
+import re
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
 from fastapi.dependencies.utils import is_scalar_field
@@ -18,6 +19,7 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, ValidationError, create_model
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.routing import compile_path
 
 
 class QueryRoute(APIRoute):
@@ -92,3 +94,9 @@ def _query_model(name: str, fields: list[Any]) -> type[BaseModel]:
         field.name: (field.field_info.annotation, field.field_info) for field in fields
     }
     return create_model(f"{name}_query", **definitions)
+
+
+def path_templates(paths: Iterable[str]) -> list[tuple[re.Pattern[str], str]]:
+    """The route paths with parameters (`/v2/models/{model_name}/infer`), each with the regex the router
+    matches requests by, in the given order."""
+    return [(compile_path(path)[0], path) for path in paths if "{" in path]
