@@ -40,6 +40,11 @@ def redoc_script() -> bytes:
 
 
 @cache
+def explorer_page() -> bytes:
+    return (STATIC_DIR / "index.html").read_bytes()
+
+
+@cache
 def explorer_files() -> dict[str, tuple[bytes, str]]:
     """The explorer's scripts and styles by file name, with their media types."""
     media_types = {".js": "text/javascript", ".css": "text/css"}
@@ -57,8 +62,7 @@ async def home() -> Response:
 
 @router.get("/explorer", tags=[PUBLIC_TAG])
 async def explorer() -> Response:
-    page = (STATIC_DIR / "index.html").read_bytes()
-    return HTMLResponse(page, headers={"Content-Security-Policy": CONTENT_SECURITY_POLICY})
+    return HTMLResponse(explorer_page(), headers={"Content-Security-Policy": CONTENT_SECURITY_POLICY})
 
 
 @router.get(EXPLORER_ASSETS + "/{name}", tags=[PUBLIC_TAG])
