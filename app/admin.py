@@ -19,7 +19,8 @@ class ReloadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model_dir: Path | None = Field(
-        default=None, description="Model directory to load; the configured VAE_MODEL_DIR when omitted."
+        default=None,
+        description="Model directory to load; when omitted, the directory being served is read again.",
     )
 
 
@@ -30,8 +31,9 @@ _PROBLEM = {"content": {"application/problem+json": {"schema": Problem.model_jso
     "/reload",
     summary="Load a model directory and serve it instead of the current model",
     description="The new model is verified and warmed up before it replaces the old one; requests in flight "
-    "finish on the old model. On failure the old model keeps serving. SIGHUP reloads the configured "
-    "directory the same way.",
+    "finish on the old model. On failure the old model keeps serving. With several worker processes, every "
+    "worker loads the model first, and all switch or none does. SIGHUP reloads the directory being served "
+    "the same way.",
     responses={
         401: {**_PROBLEM, "description": "Missing or invalid API key."},
         403: {**_PROBLEM, "description": "No API key is configured, so admin endpoints are disabled."},
@@ -44,5 +46,11 @@ _PROBLEM = {"content": {"application/problem+json": {"schema": Problem.model_jso
 )
 async def reload_model(request: Request, body: ReloadRequest | None = None) -> dict[str, Any]:
     reloader: ModelReloader = request.app.state.reloader
-    engine = await reloader.reload(body.model_dir if body is not None else None)
-    return {"status": "reloaded", "model": engine.version_label, "model_dir": str(engine.model_dir)}
+    done = await reloader.reload(body.model_dir if body is not None else None)
+    return {
+        "status": "reloaded",
+        "model": done.model,
+        "model_dir": str(done.model_dir),
+        "workers": done.workers,
+        "workers_switched": done.workers_switched,
+    }

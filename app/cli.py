@@ -1,16 +1,17 @@
-"""`vae-serve`: load and check the model, then serve it with uvicorn in one worker process.
+"""`vae-serve`: claim the port, load and check the model, then serve it with uvicorn.
 
 Every Settings field is a flag (`--max-batch-size 32`) and a `VAE_` environment variable; flags win.
-Metrics are per process, so run one process per container and scale with containers.
-SIGHUP reloads the configured model directory; SIGTERM stops gracefully (within --shutdown-grace-seconds).
+With `--workers N`, N worker processes share the port under uvicorn's supervisor (app/server).
+SIGHUP reloads the model directory being served, on every worker; SIGTERM stops gracefully (within
+--shutdown-grace-seconds) and exits 0.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
-import logging
+import errno
 import signal
+import socket
 import sys
 from collections.abc import Sequence
 from types import FrameType
@@ -21,6 +22,9 @@ from pydantic import ValidationError
 from app.config import Settings
 from app.engine import Engine, StartupError
 from app.main import create_app
+from app.server.process import configure_logging, tune_interpreter
+from app.server.rundir import run_directory
+from app.server.supervisor import serve_workers
 from model.manifest import ManifestError
 
 
@@ -48,6 +52,33 @@ def _settings_error(error: ValidationError) -> str:
     return "invalid settings: " + "; ".join(problems)
 
 
+class PortUnavailable(Exception):
+    pass
+
+
+def bind(settings: Settings, reuse_port: bool = False) -> socket.socket:
+    """A listening socket for the server, bound before the model loads, so a busy port fails in a moment;
+    with `reuse_port`, one of several on the same port (one per worker)."""
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    listening = socket.socket(family, socket.SOCK_STREAM)
+    listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        listening.bind((settings.host, settings.port))
+    except OSError as error:
+        listening.close()
+        in_use = error.errno == errno.EADDRINUSE
+        reason = "is already in use" if in_use else f"cannot be bound ({error.strerror})"
+        raise PortUnavailable(
+            f"port {settings.port} on {settings.host} {reason}; serve on another port with "
+            f"--port or VAE_PORT (e.g. VAE_PORT={settings.port + 1} make run), or bind another address "
+            "with --host / VAE_HOST"
+        ) from error
+    listening.set_inheritable(True)  # the workers serve it too
+    return listening
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = vars(build_parser().parse_args(argv))
     try:
@@ -55,50 +86,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValidationError as error:
         print(f"vae-serve: error: {_settings_error(error)}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(settings)
+    reuse_port = settings.workers > 1
+    try:
+        listening = [bind(settings, reuse_port) for _ in range(settings.workers)]
+    except PortUnavailable as error:
+        print(f"vae-serve: error: {error}", file=sys.stderr)
+        return 1
     try:
         engine = Engine.load(settings)
     except (ManifestError, StartupError) as error:
         print(f"vae-serve: error: cannot serve the model: {error}", file=sys.stderr)
         return 1
+    # uvicorn re-raises SIGTERM once its graceful shutdown is done; by then stopping is a success.
+    signal.signal(signal.SIGTERM, _exit_cleanly)
+    if settings.workers > 1:
+        del engine  # checked; each worker loads its own
+        with run_directory() as run:
+            return serve_workers(settings, listening, run)
+    return serve_one_process(settings, engine, listening[0])
+
+
+def serve_one_process(settings: Settings, engine: Engine, listening: socket.socket) -> int:
     app = create_app(settings, engine, reload_on_sighup=True)
     tune_interpreter()
-    # uvicorn re-raises SIGTERM once its graceful shutdown is done; by then stopping is a success (status 0).
-    signal.signal(signal.SIGTERM, _exit_cleanly)
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
-        host=settings.host,
-        port=settings.port,
         log_level=settings.log_level,
         access_log=settings.access_log,
-        workers=1,
         timeout_graceful_shutdown=settings.shutdown_grace_seconds,
     )
-    return 0
-
-
-# Allocations between young-generation collections (CPython's default is 700). Requests in flight keep
-# thousands of young objects alive, so at the default every few requests pay for a collection that frees
-# little and promotes the survivors, which then cost older, slower collections: 13% of /encode's time.
-YOUNG_GENERATION_THRESHOLD = 20_000
-# How long a thread may hold the GIL while another waits (CPython's default is 5 ms). The inference threads
-# need it briefly around each run; behind a busy event loop each such wait took up to 5 ms, which set
-# /encode's p99 (67 ms at 64 connections; 44 ms at 0.5 ms).
-GIL_SWITCH_INTERVAL_SECONDS = 0.0005
-
-
-def tune_interpreter() -> None:
-    """Freeze the start-up heap out of garbage collection, collect less often, and hand the GIL over sooner.
-
-    Memory stays bounded: reference counting frees almost everything, the collector only finds cycles.
-    """
-    gc.collect()
-    gc.freeze()
-    _, *older = gc.get_threshold()
-    gc.set_threshold(YOUNG_GENERATION_THRESHOLD, *older)
-    sys.setswitchinterval(GIL_SWITCH_INTERVAL_SECONDS)
+    server = uvicorn.Server(config)
+    server.run(sockets=[listening])
+    return 0 if server.started else 1
 
 
 def _exit_cleanly(signum: int, frame: FrameType | None) -> None:

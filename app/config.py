@@ -27,6 +27,15 @@ class Settings(BaseSettings):
     )
     host: str = Field(default="127.0.0.1", description="The HTTP server binds to this interface address.")
     port: int = Field(default=8000, ge=0, le=65535, description="The HTTP server listens on this TCP port.")
+    workers: int = Field(
+        default=1,
+        ge=1,
+        description=(
+            "The server runs this many worker processes on one port, each with its own model copy and "
+            "batchers (uvicorn's process supervisor); the CPU cores are shared among them, and /metrics on "
+            "any worker reports all of them."
+        ),
+    )
     execution_provider: ExecutionProvider = Field(
         default="auto",
         description=(
@@ -48,8 +57,8 @@ class Settings(BaseSettings):
         default=0,
         ge=0,
         description=(
-            "Each onnxruntime operator may use this many threads; zero gives each inference thread an equal "
-            "share of the usable CPU cores (at least one)."
+            "Each onnxruntime operator may use this many threads; zero gives each inference thread of each "
+            "worker process an equal share of the usable CPU cores (at least one)."
         ),
     )
     inference_niceness: int = Field(

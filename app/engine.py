@@ -50,11 +50,12 @@ def select_providers(requested: ExecutionProvider, available: Sequence[str]) -> 
 
 
 def intra_op_threads(settings: Settings) -> int:
-    """onnxruntime threads per run: the setting, or the usable cores shared among the inference threads."""
+    """onnxruntime threads per run: the setting, or the usable cores shared among the inference threads of
+    every worker process."""
     if settings.intra_op_threads:
         return settings.intra_op_threads
     usable_cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, usable_cores // settings.inference_threads)
+    return max(1, usable_cores // (settings.inference_threads * settings.workers))
 
 
 def _open_sessions(
@@ -128,6 +129,17 @@ class Engine:
     @property
     def ready(self) -> bool:
         return self.warmed_up and self._encoder_batcher is not None
+
+    @property
+    def info_labels(self) -> dict[str, str]:
+        """This model's labels in vae_model_info."""
+        manifest = self.manifest
+        return {
+            "name": manifest.name,
+            "version": manifest.version,
+            "provider": self.provider,
+            "latent_dim": str(manifest.latent_dim),
+        }
 
     @property
     def version_label(self) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -39,7 +39,7 @@ Encode, decode, sample, reconstruct and interpolate with a variational autoencod
 Image results are JSON with one base64 PNG per image by default, `?format=array` for (C, H, W) float arrays in
 [0, 1], or one PNG grid with `Accept: image/png`. Every error is `application/problem+json`:
 `{"type", "title", "status", "detail"}`, except on the Open Inference Protocol's `/v2` routes, where it is
-the protocol's `{"error"}`. Metrics at `/metrics` are per process (one process per container).
+the protocol's `{"error"}`. Metrics at `/metrics` cover every worker process of the server.
 
 With `VAE_API_KEY` set, the model endpoints need `Authorization: Bearer <key>` or `X-API-Key: <key>`; the
 `/admin` endpoints always do. Model responses carry `X-Model-Version: name/version`.
@@ -70,33 +70,44 @@ def first_queue(method: str, path: str, engine: Engine) -> str | None:
     return FIRST_QUEUE_BY_ROUTE.get((method, path)) or infer_queue(method, path, engine)
 
 
+# Makes the app's reloader: ModelReloader, or a worker group's (app/server/group.py).
+ReloaderFactory = Callable[[FastAPI, Settings, Metrics], ModelReloader]
+
+
 def create_app(
-    settings: Settings | None = None, engine: Engine | None = None, reload_on_sighup: bool = False
+    settings: Settings | None = None,
+    engine: Engine | None = None,
+    reload_on_sighup: bool = False,
+    reloader: ReloaderFactory = ModelReloader,
 ) -> FastAPI:
     """A FastAPI app serving one model; `engine` may be pre-loaded (the CLI does, to fail fast).
 
     `reload_on_sighup` installs a SIGHUP handler on the running loop (main thread only: the CLI sets it).
     """
     settings = settings if settings is not None else Settings()
-    metrics = Metrics()
+
+    def served_model() -> dict[str, str] | None:
+        serving: Engine | None = app.state.engine
+        return serving.info_labels if serving is not None else None
+
+    metrics = Metrics(served_model)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loaded = engine if engine is not None else Engine.load(settings)
         loaded.start(settings, metrics)
-        manifest = loaded.manifest
-        metrics.set_model_info(manifest.name, manifest.version, loaded.provider, manifest.latent_dim)
         app.state.engine = loaded
-        reloader = app.state.reloader = ModelReloader(app, settings, metrics)
+        reloads = app.state.reloader = reloader(app, settings, metrics)
+        await reloads.start()
         loop = asyncio.get_running_loop()
         if reload_on_sighup:
-            loop.add_signal_handler(signal.SIGHUP, reloader.reload_on_signal)
+            loop.add_signal_handler(signal.SIGHUP, reloads.reload_on_signal)
         try:
             yield
         finally:
             if reload_on_sighup:
                 loop.remove_signal_handler(signal.SIGHUP)
-            await reloader.stop()
+            await reloads.stop()
             serving: Engine | None = app.state.engine
             app.state.engine = None
             if serving is not None:

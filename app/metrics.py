@@ -1,14 +1,22 @@
 """Prometheus metrics, one registry per app so tests can create many apps.
 
-Metrics are per process: `vae-serve` runs one uvicorn worker, so run one process per container and let
-Prometheus aggregate across containers.
+With several worker processes (`--workers N`), prometheus_client's multiprocess mode keeps every worker's
+values in files in one directory per server start, and `/metrics` on any worker reads them all: counters and
+histograms add up, the gauges sum over the live workers. `vae_model_info` comes from the answering worker's
+own engine (a reload switches every worker, app/server/group.py), and the worker counts from the files the
+supervisor writes (app/server/rundir.py).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
 
 MODEL_PARTS = ("encoder", "decoder")
 REJECTION_REASONS = ("queue_full", "timeout")
@@ -18,6 +26,49 @@ QUEUE_WAIT_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
 INFERENCE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 # Nats per image: MNIST digits score about 100; blank images far less, noise thousands.
 NEGATIVE_ELBO_BUCKETS = (10, 25, 50, 75, 100, 125, 150, 200, 300, 500, 1000, 2000, 5000, 10000)
+
+
+# The served model's vae_model_info labels, or None before one is loaded.
+ModelInfoLabels = Callable[[], dict[str, str] | None]
+MODEL_INFO_LABELS = ("name", "version", "provider", "latent_dim")
+
+
+class ModelInfoCollector(Collector):
+    """vae_model_info for the engine serving now, read at scrape time: always one series, or none before
+    the model is loaded."""
+
+    def __init__(self, served_model: ModelInfoLabels) -> None:
+        self.served_model = served_model
+
+    def describe(self) -> Iterator[Metric]:
+        yield self._family()
+
+    def collect(self) -> Iterator[Metric]:
+        family = self._family()
+        labels = self.served_model()
+        if labels is not None:
+            family.add_metric([labels[name] for name in MODEL_INFO_LABELS], 1)
+        yield family
+
+    @staticmethod
+    def _family() -> GaugeMetricFamily:
+        return GaugeMetricFamily("vae_model_info", "The served model; always 1.", labels=MODEL_INFO_LABELS)
+
+
+class WorkersCollector(Collector):
+    """The worker processes of a multi-worker server: how many run, and how many died and were replaced."""
+
+    def __init__(self, workers: int, exits: Callable[[], int]) -> None:
+        self.workers = workers
+        self.exits = exits
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily("vae_workers", "Worker processes the server runs.", value=self.workers)
+        yield CounterMetricFamily(
+            "vae_worker_restarts",
+            "Worker processes that died (crashed, killed, or hung and killed) and were replaced.",
+            value=self.exits(),
+        )
 
 
 @dataclass(frozen=True)
@@ -35,8 +86,11 @@ class PartMetrics:
 class Metrics:
     """Every metric the service exports, registered in its own `CollectorRegistry`."""
 
-    def __init__(self) -> None:
+    def __init__(self, served_model: ModelInfoLabels = lambda: None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        # What /metrics shows: this registry, or every worker's files in multiprocess mode.
+        self.exposition: CollectorRegistry = self.registry
+        self._model_info = ModelInfoCollector(served_model)
         registry = self.registry
         self.requests = Counter(
             "vae_requests_total",
@@ -72,10 +126,17 @@ class Metrics:
             registry=registry,
         )
         self.queue_depth = Gauge(
-            "vae_queue_depth", "Items waiting in the batcher queue.", ("part",), registry=registry
+            "vae_queue_depth",
+            "Items waiting in the batcher queue.",
+            ("part",),
+            multiprocess_mode="livesum",
+            registry=registry,
         )
         self.requests_in_flight = Gauge(
-            "vae_requests_in_flight", "HTTP requests being handled.", registry=registry
+            "vae_requests_in_flight",
+            "HTTP requests being handled.",
+            multiprocess_mode="livesum",
+            registry=registry,
         )
         self.items_processed = Counter(
             "vae_items_processed_total", "Items run through the model.", ("part",), registry=registry
@@ -86,12 +147,8 @@ class Metrics:
             ("reason",),
             registry=registry,
         )
-        self.model_info = Gauge(
-            "vae_model_info",
-            "The served model; always 1.",
-            ("name", "version", "provider", "latent_dim"),
-            registry=registry,
-        )
+        registry.register(self._model_info)
+        registry.register(WorkersCollector(workers=1, exits=lambda: 0))
         self.model_reloads = Counter(
             "vae_model_reloads_total",
             "Model reloads (POST /admin/reload or SIGHUP), by result: success or failure.",
@@ -109,7 +166,6 @@ class Metrics:
             "Images POST /score judged anomalous (p-value below alpha).",
             registry=registry,
         )
-        self._model_info_labels: dict[str, str] | None = None
         # Create every labelled child up front so dashboards see zeros rather than missing series.
         for part in MODEL_PARTS:
             self.for_part(part)
@@ -129,10 +185,11 @@ class Metrics:
             rejected_queue_full=self.requests_rejected.labels(reason="queue_full"),
         )
 
-    def set_model_info(self, name: str, version: str, provider: str, latent_dim: int) -> None:
-        """Show this model in vae_model_info, replacing the previously served one's series."""
-        labels = {"name": name, "version": version, "provider": provider, "latent_dim": str(latent_dim)}
-        if self._model_info_labels is not None and self._model_info_labels != labels:
-            self.model_info.remove(*self._model_info_labels.values())
-        self.model_info.labels(**labels).set(1)
-        self._model_info_labels = labels
+    def read_every_worker(self, metrics_dir: Path, workers: int, exits: Callable[[], int]) -> None:
+        """Expose every worker's metrics from prometheus_client's multiprocess files in `metrics_dir`
+        (the process must have started with PROMETHEUS_MULTIPROC_DIR set to it)."""
+        exposition = CollectorRegistry()
+        MultiProcessCollector(exposition, path=str(metrics_dir))
+        exposition.register(self._model_info)
+        exposition.register(WorkersCollector(workers, exits))
+        self.exposition = exposition

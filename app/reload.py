@@ -3,13 +3,16 @@
 The new engine is read, verified (manifest, checksums, graphs) and warmed up in a worker thread, so the
 event loop keeps serving. Requests already using the old engine finish on it; its batchers stop once they
 are answered. One reload at a time: a second one while the first runs gets 409. A failed load changes
-nothing.
+nothing. A reload without a directory (and SIGHUP) reloads the directory being served, which is the
+configured one until a reload names another. With several worker processes, app/server/group.py runs the
+same two steps, load and serve, on every worker.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import FastAPI
@@ -22,6 +25,24 @@ from model.manifest import DEFAULT_MODEL_DIR, ManifestError
 
 logger = logging.getLogger(__name__)
 
+# Why a model directory cannot be served: a bad manifest or graph, or unreadable files.
+LOAD_ERRORS = (ManifestError, StartupError, OSError)
+
+
+@dataclass(frozen=True)
+class Reloaded:
+    """A finished reload: the model now served, from where, and on how many of the worker processes."""
+
+    model: str
+    model_dir: Path
+    workers: int
+    workers_switched: int
+
+
+def shown_directory(model_dir: Path | None) -> str:
+    """How an error names the directory: the caller sees a path only if they named it."""
+    return str(model_dir) if model_dir is not None else "the directory being served"
+
 
 class ModelReloader:
     """Serialises reloads of one app's engine and keeps the old engines' draining tasks alive."""
@@ -30,48 +51,59 @@ class ModelReloader:
         self.app = app
         self.settings = settings
         self.metrics = metrics
+        self.served_dir: Path = settings.model_dir or DEFAULT_MODEL_DIR
         self._lock = asyncio.Lock()
         self._retiring: dict[asyncio.Task[None], Engine] = {}
         self._signalled: set[asyncio.Task[None]] = set()
 
-    async def reload(self, model_dir: Path | None = None) -> Engine:
-        """Serve the model in `model_dir` (default: the configured one); raises ReloadFailed or
-        ReloadInProgress and keeps the current model on any failure."""
+    async def start(self) -> None:
+        """At startup, once the first engine serves (the worker group opens its control socket here)."""
+
+    async def reload(self, model_dir: Path | None = None) -> Reloaded:
+        """Serve the model in `model_dir` (default: the one being served, read again); raises ReloadFailed
+        or ReloadInProgress and keeps the current model on any failure."""
         if self._lock.locked():
             raise ReloadInProgress()
         async with self._lock:
-            target = model_dir or self.settings.model_dir or DEFAULT_MODEL_DIR
-            settings = self.settings.model_copy(update={"model_dir": target})
+            target = model_dir or self.served_dir
             try:
-                engine = await asyncio.to_thread(Engine.load, settings)
-            except (ManifestError, StartupError, OSError) as error:  # OSError: unreadable files
+                engine = await self.load(target)
+            except LOAD_ERRORS as error:
                 self.metrics.model_reloads.labels(result="failure").inc()
-                logger.error(
-                    "model reload from %s failed, the previous model keeps serving: %s", target, error
-                )
-                # The caller sees a directory only if they named it; the log keeps the server's paths.
-                shown = str(model_dir) if model_dir is not None else "the configured model directory"
+                shown = shown_directory(model_dir)
                 raise ReloadFailed(shown, str(error).replace(str(target), shown)) from error
-            engine.start(self.settings, self.metrics)
-            previous: Engine | None = self.app.state.engine
-            self.app.state.engine = engine
-            manifest = engine.manifest
-            self.metrics.set_model_info(manifest.name, manifest.version, engine.provider, manifest.latent_dim)
+            self.serve(engine)
             self.metrics.model_reloads.labels(result="success").inc()
-            logger.info(
-                "reloaded: now serving %s from %s (was %s)",
-                engine.version_label,
-                target,
-                previous.version_label if previous is not None else "nothing",
-            )
-            if previous is not None:
-                task = asyncio.get_running_loop().create_task(previous.stop_when_idle())
-                self._retiring[task] = previous
-                task.add_done_callback(lambda done: self._retiring.pop(done, None))
-            return engine
+            return Reloaded(engine.version_label, target, workers=1, workers_switched=1)
+
+    async def load(self, model_dir: Path) -> Engine:
+        """Read, verify and warm up the model in `model_dir` off the event loop; raises one of LOAD_ERRORS."""
+        settings = self.settings.model_copy(update={"model_dir": model_dir})
+        try:
+            return await asyncio.to_thread(Engine.load, settings)
+        except LOAD_ERRORS as error:
+            logger.error("model reload from %s failed, the old model keeps serving: %s", model_dir, error)
+            raise
+
+    def serve(self, engine: Engine) -> None:
+        """Swap a loaded engine in; the previous one stops once its requests are answered."""
+        engine.start(self.settings, self.metrics)
+        previous: Engine | None = self.app.state.engine
+        self.app.state.engine = engine
+        self.served_dir = engine.model_dir
+        logger.info(
+            "reloaded: now serving %s from %s (was %s)",
+            engine.version_label,
+            engine.model_dir,
+            previous.version_label if previous is not None else "nothing",
+        )
+        if previous is not None:
+            task = asyncio.get_running_loop().create_task(previous.stop_when_idle())
+            self._retiring[task] = previous
+            task.add_done_callback(lambda done: self._retiring.pop(done, None))
 
     def reload_on_signal(self) -> None:
-        """SIGHUP handler (on the event loop): reload the configured model directory in a task."""
+        """SIGHUP handler (on the event loop): reload the served model directory in a task."""
         logger.info("SIGHUP received: reloading the model")
         task = asyncio.get_running_loop().create_task(self._reload_logging_errors())
         self._signalled.add(task)
@@ -82,8 +114,8 @@ class ModelReloader:
             await self.reload()
         except ReloadInProgress:
             logger.warning("SIGHUP ignored: a model reload is already in progress")
-        except ReloadFailed:
-            pass  # reload() logged why
+        except ReloadFailed as error:
+            logger.error("SIGHUP reload failed: %s", error.detail)
 
     async def stop(self) -> None:
         """At shutdown: finish a signalled reload, then stop the old engines that are still draining."""

@@ -438,7 +438,12 @@ def describe_latent_space(space: LatentSpace | None, latent_dim: int) -> dict[st
     return summary
 
 
-@router.get("/metrics", tags=[OPS_TAG], summary="Prometheus metrics of this process", response_class=Response)
+@router.get(
+    "/metrics",
+    tags=[OPS_TAG],
+    summary="Prometheus metrics of the server, every worker process included",
+    response_class=Response,
+)
 async def metrics(request: Request) -> Response:
     app_metrics: Metrics = request.app.state.metrics
-    return Response(generate_latest(app_metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(generate_latest(app_metrics.exposition), media_type=CONTENT_TYPE_LATEST)

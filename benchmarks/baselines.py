@@ -30,9 +30,9 @@ from fastapi.responses import Response
 from PIL import Image
 from pydantic import BaseModel
 
-from app.cli import tune_interpreter
 from app.images import encode_png_grid, encode_pngs
 from app.main import FASTAPI_TELEMETRY
+from app.server.process import tune_interpreter
 from benchmarks.scenarios import PROTOCOL_BATCH, SCORE_SAMPLES
 from model.manifest import load_model_dir
 from model.scores import posterior_draws, score_images

@@ -89,6 +89,8 @@ def test_reload_swaps_models_while_a_request_is_in_flight(
         "status": "reloaded",
         "model": "mnist-test/2",
         "model_dir": str(mnist_model_v2_dir),
+        "workers": 1,
+        "workers_switched": 1,
     }
     after = client.get("/sample?n=1&seed=3&format=array", headers=ADMIN)
     assert after.headers["x-model-version"] == "mnist-test/2"
@@ -143,8 +145,8 @@ def test_a_failed_reload_of_the_configured_dir_does_not_reveal_its_path(
         refused = client.post("/admin/reload", headers=ADMIN)
     assert refused.status_code == 422
     assert refused.json()["detail"] == (
-        "cannot serve the model in the configured model directory: decoder file decoder.onnx named in the "
-        "manifest is missing from the configured model directory; the previous model keeps serving"
+        "cannot serve the model in the directory being served: decoder file decoder.onnx named in the "
+        "manifest is missing from the directory being served; the previous model keeps serving"
     )
     assert str(tmp_path) not in refused.text
 

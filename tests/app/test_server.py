@@ -43,7 +43,9 @@ def free_port() -> int:
         return port
 
 
-def start_server(tmp_path: Path, *flags: str) -> tuple[subprocess.Popen[bytes], str, Path]:
+def start_server(
+    tmp_path: Path, *flags: str, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[bytes], str, Path]:
     port = free_port()
     log = tmp_path / f"server-{port}.log"
     with log.open("wb") as output:
@@ -60,6 +62,7 @@ def start_server(tmp_path: Path, *flags: str) -> tuple[subprocess.Popen[bytes], 
             ],
             stdout=output,
             stderr=subprocess.STDOUT,
+            env=env,
         )
     base_url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + STARTUP_SECONDS

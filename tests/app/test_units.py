@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app.cli import GIL_SWITCH_INTERVAL_SECONDS, YOUNG_GENERATION_THRESHOLD, tune_interpreter
 from app.errors import ImageTooLarge, InvalidLatents, NonFiniteValues
 from app.images import decode_images, encode_png_grid, encode_pngs, grid_shape, to_uint8
 from app.latents import draw_latents, interpolate, latents_array, reparameterize
 from app.responses import wants_png
+from app.server.process import GIL_SWITCH_INTERVAL_SECONDS, YOUNG_GENERATION_THRESHOLD, tune_interpreter
 
 
 def png(image: Image.Image) -> bytes:

@@ -15,7 +15,7 @@ from prometheus_client.metrics import MetricWrapperBase
 from pydantic.fields import FieldInfo
 
 from app.config import Settings
-from app.metrics import Metrics
+from app.metrics import Metrics, ModelInfoCollector, WorkersCollector
 
 SETTINGS_HEADER = ("Environment variable", "Default", "Description")
 METRICS_HEADER = ("Metric", "Type", "Labels", "Description")
@@ -55,8 +55,17 @@ def metric_rows() -> list[tuple[str, str, str, str]]:
         name = family.name + "_total" if family.type == "counter" else family.name
         labels = ", ".join(wrapper._labelnames)  # prometheus_client keeps label names only here
         rows.append((name, family.type, labels, family.documentation))
+    # Read at scrape time: the served model, and (with --workers N) the worker processes.
+    collected = [*ModelInfoCollector(lambda: None).describe(), *WorkersCollector(2, lambda: 0).collect()]
+    for family in collected:
+        name = family.name + "_total" if family.type == "counter" else family.name
+        labels = ", ".join(getattr(family, "_labelnames", ()))
+        rows.append((name, family.type, labels, family.documentation))
     registered = {family.name for family in metrics.registry.collect()}
-    assert registered == {wrapper.describe()[0].name for wrapper in wrappers}, "a metric is not an attribute"
+    read_at_scrape = {family.name for family in collected}
+    assert registered == {wrapper.describe()[0].name for wrapper in wrappers} | read_at_scrape, (
+        "a metric is not an attribute"
+    )
     return rows
 
 

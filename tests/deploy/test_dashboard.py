@@ -93,6 +93,7 @@ def test_dashboard_shows_what_operators_need(dashboard_checks: ModuleType) -> No
         "Model info",
         "Scored images: negative ELBO",
         "Anomalous images",
+        "Worker processes",
     ):
         assert wanted in titles
 
