@@ -2,6 +2,9 @@
 
 Every TrainConfig field is a flag (`latent_dim` -> `--latent-dim`); flags override the `--config` TOML file,
 which overrides the defaults. Tuples are comma-separated (`--widths 32,64`).
+
+`torchrun --nproc_per_node N -m training.cli ...` trains in N processes (training/distributed.py); rank 0
+then evaluates, plots and exports alone while the others exit.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from model.scores import ScoreReference, calibrated_reference
 from training.anomaly import REFERENCE_SAMPLES, LogitsFunction, anomaly_report, score_split, synthetic_sets
 from training.config import FIELD_HELP, ConfigError, TrainConfig, load_config, read_toml, resolve_schedule
 from training.data import DatasetError, DataSplits, load_dataset
+from training.distributed import Distributed, check_batch_divides, start_from_environment, stop
 from training.evaluate import evaluate, weak_model_reasons
 from training.latent_space import DecodeFunction, EncodeFunction, fit_latent_space
 from training.plots import save_all_plots
@@ -90,13 +94,19 @@ def _given_flags(arguments: argparse.Namespace) -> dict[str, Any]:
     return {name: value for name, value in vars(arguments).items() if name in names and value is not None}
 
 
-def _resolve_config(arguments: argparse.Namespace) -> TrainConfig:
-    """Defaults < --config file < flags; with --resume, the checkpoint's config replaces the defaults."""
-    overrides = _given_flags(arguments)
+def _resume_checkpoint(arguments: argparse.Namespace, distributed: Distributed) -> dict[str, Any] | None:
+    """The checkpoint --resume continues (None: start afresh), read by rank 0 and sent to the other
+    processes, whose nodes need not see the run directory."""
     checkpoint_path = arguments.run_dir / CHECKPOINT_FILENAME
-    if not (arguments.resume and checkpoint_path.is_file()):
+    found = distributed.is_main and arguments.resume and checkpoint_path.is_file()
+    return distributed.broadcast_from_main(load_checkpoint(checkpoint_path) if found else None)
+
+
+def _resolve_config(arguments: argparse.Namespace, checkpoint: dict[str, Any] | None) -> TrainConfig:
+    """Defaults < --config file < flags; with a checkpoint to resume, its config replaces the defaults."""
+    overrides = _given_flags(arguments)
+    if checkpoint is None:
         return load_config(arguments.config, overrides)
-    checkpoint = load_checkpoint(checkpoint_path)
     values = dict(checkpoint["train_config"])
     if "model" not in values:  # a run from before the resolved schedule: say what it meant then
         values["early_stopping_patience"] = values.get("early_stopping_patience") or 0
@@ -222,7 +232,24 @@ def train_main(argv: list[str] | None = None) -> int:
     _add_config_flags(parser)
     arguments = parser.parse_args(argv)
     try:
-        config = _resolve_config(arguments)
+        distributed = start_from_environment()
+    except ConfigError as error:
+        parser.error(str(error))
+    try:
+        return _train_and_export(arguments, parser, distributed)
+    finally:
+        stop(distributed)
+
+
+def _train_and_export(
+    arguments: argparse.Namespace, parser: argparse.ArgumentParser, distributed: Distributed
+) -> int:
+    """vae-train's work in one process: all processes train; rank 0 alone writes the run and exports."""
+    try:
+        checkpoint = _resume_checkpoint(arguments, distributed)
+        config = _resolve_config(arguments, checkpoint)
+        if config.model != "pca":
+            check_batch_divides(config.batch_size, distributed.world_size)
         splits = load_dataset(config)
     except (ConfigError, DatasetError) as error:
         parser.error(str(error))
@@ -231,21 +258,40 @@ def train_main(argv: list[str] | None = None) -> int:
         resolve_schedule(config, len(splits.train)), validation_size=len(splits.validation)
     )
     run_dir: Path = arguments.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-    print(
-        f"dataset {splits.name}: train {len(splits.train)}, validation {len(splits.validation)}, "
-        f"test {len(splits.test)}, skipped unreadable files {splits.skipped_files}",
-        file=sys.stderr,
-    )
+    if distributed.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        print(
+            f"dataset {splits.name}: train {len(splits.train)}, validation {len(splits.validation)}, "
+            f"test {len(splits.test)}, skipped unreadable files {splits.skipped_files}",
+            file=sys.stderr,
+        )
     if config.model == "pca":
-        model: Autoencoder = PCA.fit(splits.train.images, vae_config_for(config))
-        history: list[dict[str, float]] = []
-        print(f"PCA: {config.latent_dim} components fitted in closed form", file=sys.stderr)
         trainer = None
     else:
-        trainer = _train(arguments, parser, config, splits, run_dir)
-        model, history = trainer.model, trainer.state.history
+        trainer = _train(parser, config, splits, run_dir, distributed, checkpoint)
+    # The others wait until rank 0 has written the last checkpoint, then leave; rank 0 exports alone.
+    distributed.barrier()
+    stop(distributed)
+    if not distributed.is_main:
+        return 0
+    if trainer is None:
+        model: Autoencoder = PCA.fit(splits.train.images, vae_config_for(config))
+        print(f"PCA: {config.latent_dim} components fitted in closed form", file=sys.stderr)
+        return _evaluate_and_export(arguments, config, splits, model, None)
+    return _evaluate_and_export(arguments, config, splits, trainer.model, trainer)
+
+
+def _evaluate_and_export(
+    arguments: argparse.Namespace,
+    config: TrainConfig,
+    splits: DataSplits,
+    model: Autoencoder,
+    trainer: Trainer | None,
+) -> int:
+    """Evaluate the trained model (its trainer's, or PCA's) on the test split, plot, and export it."""
+    run_dir: Path = arguments.run_dir
+    history = trainer.state.history if trainer is not None else []
     test_metrics = _evaluate_test_split(model, config, splits)
     (run_dir / TEST_METRICS_FILENAME).write_text(json.dumps(test_metrics, indent=2) + "\n")
     if trainer is not None:
@@ -282,41 +328,50 @@ def train_main(argv: list[str] | None = None) -> int:
 
 
 def _train(
-    arguments: argparse.Namespace,
     parser: argparse.ArgumentParser,
     config: TrainConfig,
     splits: DataSplits,
     run_dir: Path,
+    distributed: Distributed,
+    checkpoint: dict[str, Any] | None,
 ) -> Trainer:
-    """Train (or resume) a VAE or an autoencoder; returns the trainer, its model holding the best weights,
-    in eval mode."""
-    trainer = Trainer(config, splits, run_dir)
-    if arguments.resume and trainer.checkpoint_path.is_file():
-        try:
-            trainer.resume()
-        except ConfigError as error:
-            parser.error(str(error))
-        print(f"resumed from epoch {trainer.state.epochs_done}", file=sys.stderr)
+    """Train (or resume from checkpoint) a VAE or an autoencoder; returns the trainer, its model holding the
+    best weights, on the CPU, in eval mode."""
+    try:
+        trainer = Trainer(config, splits, run_dir, distributed)
+        if checkpoint is not None:
+            trainer.resume(checkpoint)
+    except ConfigError as error:
+        parser.error(str(error))
+    log = print if distributed.is_main else _silent
+    if checkpoint is not None:
+        log(f"resumed from epoch {trainer.state.epochs_done}", file=sys.stderr)
     warmup = "" if config.model == "ae" else f"KL warm-up {trainer.kl_warmup_epochs} epochs, "
     stopping = (
         f"early stopping after {trainer.patience} epochs without improvement"
         if trainer.patience
         else "no early stopping"
     )
-    print(
+    world_size = distributed.world_size
+    processes = f" in {world_size} process{'es' if world_size > 1 else ''}" if distributed.started else ""
+    log(
         f"training a {config.model} for up to {trainer.epochs} epochs of {trainer.steps_per_epoch} updates "
-        f"({warmup}{stopping})",
+        f"({warmup}{stopping}){processes}",
         file=sys.stderr,
     )
     state = trainer.fit()
-    print(
+    log(
         f"best {trainer.selection_metric} {state.best_validation_negative_elbo:.3f} "
         f"at epoch {state.best_epoch}",
         file=sys.stderr,
     )
     trainer.model.load_state_dict(state.best_model_state)
-    trainer.model.eval()
+    trainer.model.cpu().eval()
     return trainer
+
+
+def _silent(*values: object, **options: Any) -> None:
+    """print's stand-in on processes other than rank 0."""
 
 
 def _refuse_weak_model(warnings: list[str], *, allowed: bool) -> bool:
@@ -395,3 +450,7 @@ def export_main(argv: list[str] | None = None) -> int:
     )
     _report(manifest, arguments.out_dir)
     return 0
+
+
+if __name__ == "__main__":  # `python -m training.cli` and `torchrun -m training.cli` run vae-train
+    sys.exit(train_main())

@@ -17,7 +17,7 @@ from model.scores import SCORE_REFERENCE_FILENAME, ScoreReference
 from training.cli import export_main, train_main
 from training.config import TrainConfig
 from training.data import load_dataset
-from training.train import CHECKPOINT_FILENAME, Trainer, load_checkpoint
+from training.train import CHECKPOINT_FILENAME, STEPS_CSV, Trainer, load_checkpoint
 
 RUN_FILES = [
     "checkpoint.pt",
@@ -29,6 +29,7 @@ RUN_FILES = [
     "metrics.json",
     "prior_samples.png",
     "reconstructions.png",
+    "steps.csv",
     "test_metrics.json",
 ]
 METRIC_KEYS = [
@@ -152,11 +153,15 @@ def test_same_seed_same_result_and_resume_continues_exactly(tiny_config: TrainCo
     interrupted = Trainer(tiny_config, splits, tmp_path / "chunked")
     interrupted.fit(stop_after_epoch=1)
     assert interrupted.state.epochs_done == 1
+    # As if it had crashed after epoch 2's updates, before their checkpoint: the resumed run redoes them.
+    straight_steps = (tmp_path / "straight" / STEPS_CSV).read_text()
+    (tmp_path / "chunked" / STEPS_CSV).write_text(straight_steps)
     resumed = Trainer(tiny_config, splits, tmp_path / "chunked")
     resumed.resume()
     assert resumed.state.epochs_done == 1
     resumed.fit()
     assert resumed.state.epochs_done == 2
+    assert (tmp_path / "chunked" / STEPS_CSV).read_text() == straight_steps
     drop = ("seconds",)
     strip = [{k: v for k, v in row.items() if k not in drop} for row in resumed.state.history]
     expected = [{k: v for k, v in row.items() if k not in drop} for row in straight.state.history]
