@@ -9,6 +9,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.auth import ADMIN_TAG
+from app.inputs import read_optional_json
 from app.reload import ModelReloader
 from app.schemas import Problem
 
@@ -21,6 +22,11 @@ class ReloadRequest(BaseModel):
     model_dir: Path | None = Field(
         default=None,
         description="Model directory to load; when omitted, the directory being served is read again.",
+    )
+    allow_shape_change: bool = Field(
+        default=False,
+        description="Switch even if the new model's latent_dim or image shape differs from the served one's "
+        "(clients sized for the old model would break); refused with 409 otherwise.",
     )
 
 
@@ -35,18 +41,30 @@ _PROBLEM = {"content": {"application/problem+json": {"schema": Problem.model_jso
     "worker loads the model first, and all switch or none does. SIGHUP reloads the directory being served "
     "the same way.",
     responses={
-        401: {**_PROBLEM, "description": "Missing or invalid API key."},
-        403: {**_PROBLEM, "description": "No API key is configured, so admin endpoints are disabled."},
-        409: {**_PROBLEM, "description": "Another reload is in progress."},
+        409: {
+            **_PROBLEM,
+            "description": "Another reload is in progress, or the new model's latent_dim or image shape "
+            "differs and allow_shape_change is not set.",
+        },
+        413: {**_PROBLEM, "description": "Body too large."},
+        504: {**_PROBLEM, "description": "Deadline exceeded; GET /model shows which model serves."},
+        415: {**_PROBLEM, "description": "A body that is not JSON."},
         422: {
             **_PROBLEM,
             "description": "The model directory cannot be served; the old model keeps serving.",
         },
     },
+    openapi_extra={
+        "requestBody": {
+            "required": False,
+            "content": {"application/json": {"schema": ReloadRequest.model_json_schema()}},
+        }
+    },
 )
-async def reload_model(request: Request, body: ReloadRequest | None = None) -> dict[str, Any]:
+async def reload_model(request: Request) -> dict[str, Any]:
+    body = await read_optional_json(request, ReloadRequest, '{"model_dir": "/models/v2"}') or ReloadRequest()
     reloader: ModelReloader = request.app.state.reloader
-    done = await reloader.reload(body.model_dir if body is not None else None)
+    done = await reloader.reload(body.model_dir, allow_shape_change=body.allow_shape_change)
     return {
         "status": "reloaded",
         "model": done.model,

@@ -131,8 +131,11 @@ class ApiKeyMiddleware:
         await error.response()(scope, receive, send)
 
 
-def document_security(schema: dict[str, Any], api_key_set: bool, protect_ops_endpoints: bool) -> None:
-    """Add the two API-key schemes to an OpenAPI schema, and mark the operations that need them."""
+def document_security(
+    schema: dict[str, Any], api_key_set: bool, protect_ops_endpoints: bool, problem_schema: dict[str, Any]
+) -> None:
+    """Add the two API-key schemes to an OpenAPI schema, mark the operations that need them, and document
+    the refusal each can give: 401 without the key, or, on /admin while no key is configured, 403."""
     components = schema.setdefault("components", {})
     components["securitySchemes"] = {
         BEARER_SCHEME: {"type": "http", "scheme": "bearer", "description": "Authorization: Bearer <key>"},
@@ -148,3 +151,10 @@ def document_security(schema: dict[str, Any], api_key_set: bool, protect_ops_end
                 or (api_key_set and protect_ops_endpoints)
             ):
                 operation["security"] = either
+                content = {"application/problem+json": {"schema": problem_schema}}
+                if api_key_set:
+                    refusal = {"description": "Missing or invalid API key.", "content": content}
+                    operation.setdefault("responses", {})["401"] = refusal
+                else:  # every request is refused before anything else is checked
+                    description = "No API key is configured, so the admin endpoints are disabled."
+                    operation["responses"] = {"403": {"description": description, "content": content}}

@@ -148,6 +148,16 @@ class ReloadFailed(VaeError):
         super().__init__(f"cannot serve the model in {model_dir}: {reason}; the previous model keeps serving")
 
 
+class ShapeChangeRefused(VaeError):
+    status, title, slug = 409, "Model shape changed", "shape-change-refused"
+
+    def __init__(self, model_dir: object, change: str) -> None:
+        super().__init__(
+            f"the model in {model_dir} {change}, so clients sized for the served model would break; send "
+            '{"allow_shape_change": true} to switch anyway; the served model keeps serving'
+        )
+
+
 class ModelNotReady(VaeError):
     status, title, slug = 503, "Model not ready", "model-not-ready"
 

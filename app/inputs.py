@@ -19,7 +19,7 @@ from app.config import Settings
 from app.errors import InvalidRequest, LimitExceeded, UnsupportedMediaType, VaeError
 from app.images import INLINE_DECODE_MAX_PIXELS, read_image_header, to_model_batch
 from app.multipart import boundary_of, parse_form, text_value
-from app.schemas import InterpolateOptions, InterpolateRequest, LatentRequest
+from app.schemas import DecodeRequest, InterpolateOptions, InterpolateRequest, LatentRequest
 
 IMAGE_FIELDS = ("file", "files")
 MAX_FORM_FIELDS = 16
@@ -29,6 +29,53 @@ FormValues = dict[str, list[bytes | str]]
 
 def media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
+def is_json(kind: str) -> bool:
+    """JSON bodies may come without a Content-Type, as application/json, or as an +json type."""
+    return kind in ("", "application/json") or kind.endswith("+json")
+
+
+def curl_hint(kind: str) -> str:
+    """What to do about the Content-Type `curl -d` sends when none is given."""
+    if kind != "application/x-www-form-urlencoded":
+        return ""
+    return " (curl -d sends application/x-www-form-urlencoded: add -H 'Content-Type: application/json')"
+
+
+def require_json(kind: str, example: str) -> None:
+    if not is_json(kind):
+        raise UnsupportedMediaType(
+            f"Content-Type {kind!r} is not accepted; send JSON with Content-Type: application/json, e.g. "
+            f"{example}{curl_hint(kind)}"
+        )
+
+
+def _is_one_vector(value: Any) -> bool:
+    return isinstance(value, list) and any(
+        isinstance(item, int | float) and not isinstance(item, bool) for item in value
+    )
+
+
+async def read_decode_request(request: Request, latent_dim: int) -> DecodeRequest:
+    """/decode's body, `{"latents": [[...], ...]}`; one flat vector gets one message saying how to nest it."""
+    require_json(media_type(request), '{"latents": [[0.1, -0.3, ...]]}')
+    payload = await _json_body(request)
+    if isinstance(payload, dict) and _is_one_vector(payload.get("latents")):
+        raise InvalidRequest(
+            f"latents is a list of vectors, e.g. [[...{latent_dim} numbers...]]; to decode one vector, "
+            "put it in a list of its own"
+        )
+    return _validate(DecodeRequest, payload)
+
+
+async def read_optional_json(request: Request, model: type[Model], example: str) -> Model | None:
+    """A JSON body validated as `model`, or None when the body is empty."""
+    body = await request.body()
+    if not body:
+        return None
+    require_json(media_type(request), example)
+    return _validate(model, _parse_json(body))
 
 
 async def read_form(request: Request, max_files: int) -> FormValues:
@@ -149,14 +196,14 @@ async def read_interpolation(request: Request) -> tuple[Endpoint, Endpoint, Inte
             endpoints.append(blobs[0])
         options = _validate(InterpolateOptions, text_fields(form, ("steps", "method")))
         return endpoints[0], endpoints[1], options
-    if kind in ("application/json", ""):
+    if is_json(kind):
         parsed = _validate(InterpolateRequest, await _json_body(request))
         start = _base64_image(parsed.start, "start") if isinstance(parsed.start, str) else parsed.start
         end = _base64_image(parsed.end, "end") if isinstance(parsed.end, str) else parsed.end
         return start, end, InterpolateOptions(steps=parsed.steps, method=parsed.method)
     raise UnsupportedMediaType(
         f"Content-Type {kind!r} is not accepted; send application/json or multipart/form-data "
-        "with files 'start' and 'end'"
+        f"with files 'start' and 'end'{curl_hint(kind)}"
     )
 
 
@@ -165,12 +212,13 @@ async def read_latent_or_image(request: Request, settings: Settings) -> list[flo
     or a raw image body) to be encoded to its posterior mean.
     """
     kind = media_type(request)
-    if kind in ("application/json", ""):
+    if is_json(kind):
         return _validate(LatentRequest, await _json_body(request)).latent
     if kind != "multipart/form-data" and not kind.startswith("image/"):
         raise UnsupportedMediaType(
             f"Content-Type {kind!r} is not accepted; send application/json with a latent vector "
-            "({\"latent\": [...]}), an image body (image/png, ...) or multipart/form-data with field 'file'"
+            '({"latent": [...]}), an image body (image/png, ...) or multipart/form-data with field '
+            f"'file'{curl_hint(kind)}"
         )
     blobs = await read_image_blobs(request, settings)
     if len(blobs) != 1:
@@ -179,8 +227,12 @@ async def read_latent_or_image(request: Request, settings: Settings) -> list[flo
 
 
 async def _json_body(request: Request) -> Any:
+    return _parse_json(await request.body())
+
+
+def _parse_json(body: bytes) -> Any:
     try:
-        return json.loads(await request.body())
+        return json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise InvalidRequest(f"the body is not valid JSON ({error})") from None
 

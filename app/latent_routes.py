@@ -21,7 +21,7 @@ from app.errors import InvalidRequest, LimitExceeded, NonFiniteValues
 from app.inputs import images_to_array, read_latent_or_image
 from app.latents import label_index, latents_array
 from app.responses import ArrayJSONResponse, image_response
-from app.routes import IMAGE_RESPONSES, PROBLEMS, FormatQuery, serving, versioned
+from app.routes import IMAGE_RESPONSES, FormatQuery, problems, serving, versioned
 from app.routing import QueryRoute
 from app.schemas import FramesResponse, LatentMapResponse, LatentRequest
 from model.latent_space import LatentSpace, edit, traversal
@@ -237,7 +237,7 @@ async def edit_route(
     "/latent-map",
     tags=[MODEL_TAG],
     response_model=LatentMapResponse,
-    responses={422: PROBLEMS[422], 503: PROBLEMS[503]},
+    responses=problems(422, 503),
     summary="A 2-D map of the test split's latent codes, with labels and the projection that made it",
     description="The test split's posterior means projected onto their first two principal components: "
     "point = components @ (code - mean). A code's place on the map is computed the same way; a point "

@@ -29,6 +29,7 @@ from app.oip.routes import document_protocol, infer_queue
 from app.oip.routes import router as protocol_router
 from app.reload import ModelReloader
 from app.routes import FIRST_QUEUE_BY_ROUTE, MODEL_VERSION_HEADER, query_router, router
+from app.schemas import Problem
 from app.score_routes import router as score_router
 from app.web.routes import asset_mounts
 from app.web.routes import router as web_router
@@ -138,7 +139,12 @@ def create_app(
             schema = get_openapi(
                 title=app.title, version=app.version, description=app.description, routes=app.routes
             )
-            document_security(schema, settings.api_key is not None, settings.protect_ops_endpoints)
+            document_security(
+                schema,
+                settings.api_key is not None,
+                settings.protect_ops_endpoints,
+                Problem.model_json_schema(),
+            )
             document_protocol(schema)
             app.openapi_schema = schema
         return app.openapi_schema

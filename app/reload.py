@@ -19,7 +19,7 @@ from fastapi import FastAPI
 
 from app.config import Settings
 from app.engine import Engine, StartupError
-from app.errors import ReloadFailed, ReloadInProgress
+from app.errors import ReloadFailed, ReloadInProgress, ShapeChangeRefused
 from app.metrics import Metrics
 from model.manifest import DEFAULT_MODEL_DIR, ManifestError
 
@@ -37,6 +37,20 @@ class Reloaded:
     model_dir: Path
     workers: int
     workers_switched: int
+
+
+def shape_change(served: Engine | None, loaded: Engine) -> str | None:
+    """How `loaded` differs from the served model in what clients size their requests by, or None."""
+    if served is None:
+        return None
+    changes = []
+    old, new = served.manifest, loaded.manifest
+    if old.latent_dim != new.latent_dim:
+        changes.append(f"latent_dim {new.latent_dim} (served: {old.latent_dim})")
+    if old.image.shape != new.image.shape:
+        shown = "x".join(map(str, new.image.shape))
+        changes.append(f"images of {shown} (served: {'x'.join(map(str, old.image.shape))}, C x H x W)")
+    return "has " + " and ".join(changes) if changes else None
 
 
 def shown_directory(model_dir: Path | None) -> str:
@@ -59,19 +73,21 @@ class ModelReloader:
     async def start(self) -> None:
         """At startup, once the first engine serves (the worker group opens its control socket here)."""
 
-    async def reload(self, model_dir: Path | None = None) -> Reloaded:
-        """Serve the model in `model_dir` (default: the one being served, read again); raises ReloadFailed
-        or ReloadInProgress and keeps the current model on any failure."""
+    async def reload(self, model_dir: Path | None = None, allow_shape_change: bool = False) -> Reloaded:
+        """Serve the model in `model_dir` (default: the one being served, read again); raises ReloadFailed,
+        ShapeChangeRefused (a new latent_dim or image shape, unless allowed) or ReloadInProgress, and keeps
+        the current model on any failure."""
         if self._lock.locked():
             raise ReloadInProgress()
         async with self._lock:
             target = model_dir or self.served_dir
+            shown = shown_directory(model_dir)
             try:
                 engine = await self.load(target)
             except LOAD_ERRORS as error:
                 self.metrics.model_reloads.labels(result="failure").inc()
-                shown = shown_directory(model_dir)
                 raise ReloadFailed(shown, str(error).replace(str(target), shown)) from error
+            self.refuse_shape_change(engine, shown, allow_shape_change)
             self.serve(engine)
             self.metrics.model_reloads.labels(result="success").inc()
             return Reloaded(engine.version_label, target, workers=1, workers_switched=1)
@@ -84,6 +100,13 @@ class ModelReloader:
         except LOAD_ERRORS as error:
             logger.error("model reload from %s failed, the old model keeps serving: %s", model_dir, error)
             raise
+
+    def refuse_shape_change(self, engine: Engine, shown: str, allowed: bool) -> None:
+        change = shape_change(self.app.state.engine, engine)
+        if change is not None and not allowed:
+            self.metrics.model_reloads.labels(result="failure").inc()
+            logger.error("model reload refused: the model in %s %s", engine.model_dir, change)
+            raise ShapeChangeRefused(shown, change)
 
     def serve(self, engine: Engine) -> None:
         """Swap a loaded engine in; the previous one stops once its requests are answered."""
@@ -114,7 +137,7 @@ class ModelReloader:
             await self.reload()
         except ReloadInProgress:
             logger.warning("SIGHUP ignored: a model reload is already in progress")
-        except ReloadFailed as error:
+        except (ReloadFailed, ShapeChangeRefused) as error:
             logger.error("SIGHUP reload failed: %s", error.detail)
 
     async def stop(self) -> None:

@@ -16,7 +16,7 @@ from app.config import Settings
 from app.engine import Engine
 from app.errors import LimitExceeded, ModelNotReady, NonFiniteValues
 from app.images import RESAMPLING_FILTER
-from app.inputs import images_to_array, read_image_blobs, read_interpolation
+from app.inputs import images_to_array, read_decode_request, read_image_blobs, read_interpolation
 from app.latents import (
     SEED_LIMIT,
     Prior,
@@ -100,23 +100,38 @@ _INTERPOLATE_BODY: dict[str, Any] = {
     }
 }
 _PROBLEM_SCHEMA = Problem.model_json_schema()
-PROBLEMS: dict[int | str, dict[str, Any]] = {
-    status: {"content": {"application/problem+json": {"schema": _PROBLEM_SCHEMA}}, "description": description}
-    for status, description in (
-        (413, "Body or image too large."),
-        (415, "Not an image, or an unsupported Content-Type."),
-        (422, "Corrupt image, wrong latent length, non-finite numbers, or a limit exceeded."),
-        (503, "Queue full (see Retry-After) or model not ready."),
-        (504, "Deadline exceeded."),
-    )
+PROBLEM_DESCRIPTIONS = {
+    413: "Body or image too large.",
+    415: "Not an image, or an unsupported Content-Type.",
+    422: "Invalid query parameter or body: corrupt image, wrong latent length, non-finite numbers, an "
+    "unknown parameter, or a limit exceeded.",
+    503: "Queue full (see Retry-After) or model not ready.",
+    504: "Deadline exceeded.",
 }
-IMAGE_RESPONSES: dict[int | str, dict[str, Any]] = {
-    **PROBLEMS,
+
+
+def problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The problem responses a route can give (401 is added where the API key applies, app/auth.py)."""
+    return {
+        status: {
+            "content": {"application/problem+json": {"schema": _PROBLEM_SCHEMA}},
+            "description": PROBLEM_DESCRIPTIONS[status],
+        }
+        for status in statuses
+    }
+
+
+# A route that reads a body, and one that takes query parameters only; both queue model work.
+BODY_PROBLEMS = problems(413, 415, 422, 503, 504)
+QUERY_PROBLEMS = problems(422, 503, 504)
+_PNG_RESULT: dict[int | str, dict[str, Any]] = {
     200: {
         "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
         "description": "JSON by default; with `Accept: image/png`, one PNG grid of all images.",
     },
 }
+IMAGE_RESPONSES = {**BODY_PROBLEMS, **_PNG_RESULT}
+SAMPLE_RESPONSES = {**QUERY_PROBLEMS, **_PNG_RESULT}
 _CONVERSION_NOTE = (
     "Images are converted to the model's channels and size: alpha is composited onto black, colour "
     "becomes grayscale (Pillow 'L') or RGB, and the image is stretched to the model's H x W with Pillow's "
@@ -170,7 +185,7 @@ async def _encode_uploads(
     "/encode",
     tags=[MODEL_TAG],
     response_model=EncodeResponse,
-    responses=PROBLEMS,
+    responses=BODY_PROBLEMS,
     openapi_extra=IMAGE_UPLOAD_BODY,
     summary="Encode images to their latent distributions",
     description="Upload an image (multipart field `file`, several as `files`, or a raw image body). "
@@ -199,20 +214,29 @@ async def encode(
         return versioned(response, engine)
 
 
-@router.post(
+_DECODE_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": DecodeRequest.model_json_schema()}},
+    }
+}
+
+
+@query_router.post(
     "/decode",
     tags=[MODEL_TAG],
     response_model=ImagesResponse,
     responses=IMAGE_RESPONSES,
     summary="Decode latent vectors to images",
+    openapi_extra=_DECODE_BODY,
 )
 async def decode(
     request: Request,
-    body: DecodeRequest,
     image_format: FormatQuery = "png",
     columns: ColumnsQuery = None,
 ) -> Response:
     with serving(request) as (engine, settings):
+        body = await read_decode_request(request, engine.manifest.latent_dim)
         if len(body.latents) > settings.max_items_per_request:
             raise LimitExceeded(
                 "the number of latent vectors", len(body.latents), settings.max_items_per_request
@@ -226,7 +250,7 @@ async def decode(
     "/sample",
     tags=[MODEL_TAG],
     response_model=ImagesResponse,
-    responses=IMAGE_RESPONSES,
+    responses=SAMPLE_RESPONSES,
     summary="Generate images from a prior, or from one label's density",
     description="Decodes n latents drawn with numpy.random.default_rng(seed): `prior=standard` is N(0, I) "
     "(rng.standard_normal((n, latent_dim)) * temperature); `prior=gmm` is the Gaussian mixture fitted to the "
@@ -340,14 +364,19 @@ async def healthz() -> dict[str, str]:
 
 
 @router.get(
-    "/readyz", tags=[OPS_TAG], summary="Readiness: the model is loaded and warmed up", responses=PROBLEMS
+    "/readyz", tags=[OPS_TAG], summary="Readiness: the model is loaded and warmed up", responses=problems(503)
 )
 async def readyz(request: Request) -> dict[str, str]:
     ready_engine(request)
     return {"status": "ready"}
 
 
-@router.get("/model", tags=[MODEL_TAG], summary="The served model's manifest, provider, batching and limits")
+@router.get(
+    "/model",
+    tags=[MODEL_TAG],
+    summary="The served model's manifest, provider, batching and limits",
+    responses=problems(503),
+)
 async def model_info(request: Request, response: Response) -> dict[str, Any]:
     with serving(request) as (engine, settings):
         versioned(response, engine)

@@ -20,7 +20,7 @@ from app.inputs import images_to_array, read_image_blobs
 from app.latents import pick_seed
 from app.metrics import Metrics
 from app.responses import INLINE_ENCODE_MAX_VALUES, ArrayJSONResponse
-from app.routes import IMAGE_UPLOAD_BODY, PROBLEMS, SeedQuery, serving, versioned
+from app.routes import BODY_PROBLEMS, IMAGE_UPLOAD_BODY, SeedQuery, serving, versioned
 from app.routing import QueryRoute
 from app.schemas import ScoreResponse
 from model.scores import (
@@ -79,7 +79,7 @@ def exactness_note(engine: Engine) -> str | None:
     "/score",
     tags=[MODEL_TAG],
     response_model=ScoreResponse,
-    responses=PROBLEMS,
+    responses=BODY_PROBLEMS,
     openapi_extra=IMAGE_UPLOAD_BODY,
     summary="Likelihood and anomaly scores of images",
     description="Takes the same uploads as /encode. Per image, in nats: negative_elbo (reconstruction NLL "

@@ -203,13 +203,17 @@ _INFER_REQUEST_SCHEMA, _INFER_REQUEST_MODELS = _request_body_schema()
 
 def document_protocol(schema: dict[str, Any]) -> None:
     """Finish the OpenAPI document for /v2: add the inference request's nested models to the components,
-    and drop the 422 FastAPI documents for every route with parameters (on /v2 a bad body is a 400, and
-    path parameters take any text, so 422 never comes back)."""
+    drop the 422 FastAPI documents for every route with parameters (on /v2 a bad body is a 400, and path
+    parameters take any text, so 422 never comes back), and give 401 the protocol's error body."""
     schema.setdefault("components", {}).setdefault("schemas", {}).update(_INFER_REQUEST_MODELS)
+    protocol_error = {"application/json": {"schema": ProtocolError.model_json_schema()}}
     for path, operations in schema.get("paths", {}).items():
         if path.startswith(PROTOCOL_PREFIX):
             for operation in operations.values():
-                operation.get("responses", {}).pop("422", None)
+                responses = operation.get("responses", {})
+                responses.pop("422", None)
+                if "401" in responses:  # app/auth.py documents it as problem JSON, which /v2 turns into this
+                    responses["401"]["content"] = protocol_error
 
 
 def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -345,7 +349,7 @@ async def _infer(request: Request, model_name: str, model_version: str | None) -
     tags=[INFERENCE_PROTOCOL_TAG],
     summary="The models this server serves, and their state",
     response_model=list[RepositoryEntry],
-    responses=_errors(503),
+    responses=_errors(413, 503),
 )
 async def repository_index(request: Request) -> list[dict[str, str]]:
     engine = ready_engine(request, READINESS_PATH)

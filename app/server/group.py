@@ -28,7 +28,7 @@ from fastapi import FastAPI
 
 from app.config import Settings
 from app.engine import Engine
-from app.errors import ReloadFailed, ReloadInProgress
+from app.errors import ReloadFailed, ReloadInProgress, ShapeChangeRefused
 from app.metrics import Metrics
 from app.reload import LOAD_ERRORS, ModelReloader, Reloaded, shown_directory
 from app.server.rundir import RunDirectory
@@ -124,7 +124,7 @@ class GroupReloader(ModelReloader):
             self._start_lock.close()
             self._start_lock = None
 
-    async def reload(self, model_dir: Path | None = None) -> Reloaded:
+    async def reload(self, model_dir: Path | None = None, allow_shape_change: bool = False) -> Reloaded:
         lock = self.run.try_lock_for_reload()
         if lock is None or self._lock.locked():
             if lock is not None:
@@ -132,11 +132,12 @@ class GroupReloader(ModelReloader):
             raise ReloadInProgress()
         try:
             async with self._lock:
-                return await self._reload_everywhere(model_dir or self.served_dir, shown_directory(model_dir))
+                target, shown = model_dir or self.served_dir, shown_directory(model_dir)
+                return await self._reload_everywhere(target, shown, allow_shape_change)
         finally:
             lock.close()
 
-    async def _reload_everywhere(self, target: Path, shown: str) -> Reloaded:
+    async def _reload_everywhere(self, target: Path, shown: str, allow_shape_change: bool) -> Reloaded:
         peers = await connect_peers(self.run, peer_timeout_seconds(self.settings))
         local, *remote = await asyncio.gather(
             self._prepare_here(target), *(peer.prepare(target) for peer in peers)
@@ -151,6 +152,11 @@ class GroupReloader(ModelReloader):
             await asyncio.gather(*(peer.finish(commit=False) for peer in peers))
             self.metrics.model_reloads.labels(result="failure").inc()
             raise ReloadFailed(shown, "; ".join(failures).replace(str(target), shown))
+        try:
+            self.refuse_shape_change(local, shown, allow_shape_change)
+        except ShapeChangeRefused:
+            await asyncio.gather(*(peer.finish(commit=False) for peer in peers))
+            raise
         # Every worker has the model: switch them all, even if this request is cancelled meanwhile.
         return await asyncio.shield(self._switch_everywhere(local, target, peers))
 
@@ -204,7 +210,7 @@ class GroupReloader(ModelReloader):
     async def _reload_for_supervisor(self) -> dict[str, Any]:
         try:
             done = await self.reload()
-        except (ReloadInProgress, ReloadFailed) as error:
+        except (ReloadInProgress, ReloadFailed, ShapeChangeRefused) as error:
             logger.error("SIGHUP reload: %s", error.detail)
             return {"ok": False, "error": error.detail}
         return {"ok": True, "model": done.model, "workers": done.workers, "switched": done.workers_switched}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 from typing import Any
 
 import numpy as np
@@ -296,7 +297,8 @@ def test_openapi_documents_bodies_and_examples(client: TestClient) -> None:
     encode_body = spec["paths"]["/encode"]["post"]["requestBody"]["content"]
     assert {"multipart/form-data", "image/png"} <= set(encode_body)
     assert "bilinear" in spec["paths"]["/encode"]["post"]["description"]
-    assert spec["components"]["schemas"]["DecodeRequest"]["examples"]
+    decode_body = spec["paths"]["/decode"]["post"]["requestBody"]
+    assert decode_body["required"] and decode_body["content"]["application/json"]["schema"]["examples"]
     assert client.get("/docs").status_code == 200
 
 
@@ -336,3 +338,38 @@ def test_rgb_latent_length_is_the_models(rgb_client: TestClient, path: str) -> N
     body = {"latents": [[0.0] * 16]} if path == "/decode" else {"start": [0.0] * 16, "end": [0.0] * 8}
     response = rgb_client.post(path, json=body)
     assert response.status_code == 422 and "8" in response.json()["detail"]
+
+
+def test_decode_without_a_json_content_type_says_what_to_send(client: TestClient) -> None:
+    body = json.dumps({"latents": [[0.0] * 16]}).encode()
+    form = client.post("/decode", content=body, headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert form.status_code == 415
+    assert form.json()["detail"] == (
+        "Content-Type 'application/x-www-form-urlencoded' is not accepted; send JSON with Content-Type: "
+        'application/json, e.g. {"latents": [[0.1, -0.3, ...]]} (curl -d sends '
+        "application/x-www-form-urlencoded: add -H 'Content-Type: application/json')"
+    )
+    for headers in ({}, {"Content-Type": "application/json"}, {"Content-Type": "application/vnd.x+json"}):
+        assert client.post("/decode", content=body, headers=headers).status_code == 200, headers
+
+
+def test_decode_of_one_flat_vector_gets_one_message(client: TestClient) -> None:
+    flat = client.post("/decode", json={"latents": [0.0] * 16})
+    assert flat.status_code == 422
+    assert flat.json()["detail"] == (
+        "latents is a list of vectors, e.g. [[...16 numbers...]]; to decode one vector, put it in a list of "
+        "its own"
+    )
+
+
+def test_unknown_query_parameters_are_refused_with_the_accepted_ones(client: TestClient) -> None:
+    refused = client.get("/sample?nn=4")
+    assert refused.status_code == 422
+    assert refused.json()["detail"] == (
+        "unknown query parameter 'nn' for GET /sample; it takes n, seed, temperature, prior, label, format, "
+        "columns"
+    )
+    refused = client.post("/decode?formt=array&colums=2", json={"latents": [[0.0] * 16]})
+    assert refused.json()["detail"] == (
+        "unknown query parameters 'colums', 'formt' for POST /decode; it takes format, columns"
+    )

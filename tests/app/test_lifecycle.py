@@ -5,13 +5,15 @@ from __future__ import annotations
 import asyncio
 import shutil
 import signal
+import socket
+import subprocess
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.app.test_server import metric, start_server, stop_server
+from tests.app.test_server import metric, start_server, stop_server, vae_serve
 
 pytestmark = pytest.mark.slow
 
@@ -71,3 +73,22 @@ def test_sigterm_finishes_requests_in_flight_and_exits_0(mnist_model_dir: Path, 
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_a_busy_port_is_reported_before_the_model_loads(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        # A model directory that does not exist: the port check must come first to be seen at all.
+        started = subprocess.run(
+            [*vae_serve(), "--port", str(port), "--model-dir", str(tmp_path / "missing")],
+            capture_output=True,
+            text=True,
+            timeout=DEADLINE_SECONDS,
+        )
+    assert started.returncode == 1
+    assert started.stderr == (
+        f"vae-serve: error: port {port} on 127.0.0.1 is already in use; serve on another port with --port "
+        f"or VAE_PORT (e.g. VAE_PORT={port + 1} make run), or bind another address with --host / VAE_HOST\n"
+    )

@@ -191,3 +191,50 @@ def test_reload_without_a_body_reloads_the_configured_directory(client_with_key:
     reloaded = client_with_key.post("/admin/reload", headers=ADMIN)
     assert reloaded.status_code == 200
     assert reloaded.json()["model_dir"] == str(client_with_key.app.state.settings.model_dir)  # type: ignore[attr-defined]
+
+
+def test_a_new_shape_is_refused_unless_allowed(v1_settings: Settings, rgb_model_dir: Path) -> None:
+    with TestClient(create_app(v1_settings)) as client:
+        refused = client.post("/admin/reload", json={"model_dir": str(rgb_model_dir)}, headers=ADMIN)
+        assert refused.status_code == 409
+        assert refused.json()["type"] == "urn:vae-service:problem:shape-change-refused"
+        assert refused.json()["detail"] == (
+            f"the model in {rgb_model_dir} has latent_dim 8 (served: 16) and images of 3x32x32 (served: "
+            "1x28x28, C x H x W), so clients sized for the served model would break; send "
+            '{"allow_shape_change": true} to switch anyway; the served model keeps serving'
+        )
+        assert client.get("/model", headers=ADMIN).json()["model"] == "mnist-test/1"
+        allowed = client.post(
+            "/admin/reload",
+            json={"model_dir": str(rgb_model_dir), "allow_shape_change": True},
+            headers=ADMIN,
+        )
+        assert allowed.status_code == 200 and allowed.json()["model"] == "rgb-test/1"
+        assert 'vae_model_reloads_total{result="failure"} 1.0' in metric_lines(
+            client, "vae_model_reloads_total"
+        )
+
+
+def test_a_reload_without_a_directory_reads_the_served_one_again(
+    v1_settings: Settings, mnist_model_v2_dir: Path
+) -> None:
+    with TestClient(create_app(v1_settings)) as client:
+        client.post("/admin/reload", json={"model_dir": str(mnist_model_v2_dir)}, headers=ADMIN)
+        again = client.post("/admin/reload", headers=ADMIN)
+        assert again.json()["model_dir"] == str(mnist_model_v2_dir), "not back to VAE_MODEL_DIR"
+        assert again.json()["model"] == "mnist-test/2"
+
+
+def test_a_reload_body_must_be_json(v1_settings: Settings) -> None:
+    with TestClient(create_app(v1_settings)) as client:
+        form = client.post(
+            "/admin/reload",
+            content=b"model_dir=/models/v2",
+            headers={**ADMIN, "Content-Type": "application/x-www-form-urlencoded"},
+        )
+    assert form.status_code == 415
+    assert form.json()["detail"] == (
+        "Content-Type 'application/x-www-form-urlencoded' is not accepted; send JSON with Content-Type: "
+        'application/json, e.g. {"model_dir": "/models/v2"} (curl -d sends '
+        "application/x-www-form-urlencoded: add -H 'Content-Type: application/json')"
+    )

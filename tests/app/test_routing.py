@@ -81,10 +81,22 @@ VALUES = st.one_of(
 @settings(max_examples=150, deadline=None, database=None)
 @given(query=st.lists(st.tuples(st.sampled_from([*KEYS, "other"]), VALUES), max_size=5))
 def test_query_route_reads_queries_like_fastapi(route: APIRoute, query: list[tuple[str, str]]) -> None:
+    """The same answer as FastAPI's, except that a parameter the route does not take is refused."""
     method = next(iter(route.methods))
     url = f"{route.path}?{urlencode(query)}"
-    expected = FASTAPI_CLIENT.request(method, url)
     answered = QUERY_ROUTE_CLIENT.request(method, url)
+    accepted = [field.alias for field in route.dependant.query_params]
+    unknown = sorted({key for key, _ in query} - set(accepted))
+    if unknown:
+        assert answered.status_code == 422
+        names = ", ".join(repr(name) for name in unknown)
+        plural = "s" if len(unknown) > 1 else ""
+        takes = ", ".join(accepted)
+        assert answered.json()["detail"] == (
+            f"unknown query parameter{plural} {names} for {method} {route.path}; it takes {takes}"
+        )
+        return
+    expected = FASTAPI_CLIENT.request(method, url)
     assert (answered.status_code, answered.text) == (expected.status_code, expected.text)
 
 
