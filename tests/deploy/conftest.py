@@ -19,9 +19,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
-from typing import Any, NoReturn, TypeVar
+from typing import Any, TypeVar
 
 import pytest
+
+from tests.components import missing_component
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 T = TypeVar("T")
@@ -237,19 +239,18 @@ def readme_tables() -> ModuleType:
 
 
 @pytest.fixture(scope="session")
+def readme_examples() -> ModuleType:
+    """tests/deploy/readme_examples.py: README's curl examples, their shown outputs and pictures."""
+    return load_sibling("readme_examples")
+
+
+@pytest.fixture(scope="session")
 def dashboard_checks() -> ModuleType:
     """tests/deploy/dashboard.py: the Grafana dashboard's queries, checked against a real Prometheus."""
     return load_sibling("dashboard")
 
 
 # --- Containers --------------------------------------------------------------------------------------------
-
-
-def unavailable(reason: str) -> NoReturn:
-    """A real component is missing: a failure in CI, where it is required; elsewhere a skip saying why."""
-    if os.environ.get("CI", "").lower() not in ("", "0", "false", "no"):
-        pytest.fail(f"{reason} (required in CI)")
-    pytest.skip(reason)
 
 
 CONTAINER_REPORT = pytest.StashKey[list[str]]()
@@ -281,8 +282,8 @@ def docker_engine() -> Iterator[Any]:
     containers = load_sibling("containers")
     try:
         engine = containers.start_engine(containers.cache_dir() / "docker")
-    except containers.EngineUnavailable as reason:
-        unavailable(str(reason))
+    except containers.EngineUnavailable as missing:
+        missing_component(missing.component, missing.install, missing.why)
     try:
         yield engine
         engine.docker("image", "prune", "--force", check=False)  # superseded builds, not the cache
@@ -299,8 +300,8 @@ def standin_python_image(
     started = time.monotonic()
     try:
         tag = str(containers.standin_python_image(docker_engine, tmp_path_factory.mktemp("standin")))
-    except containers.EngineUnavailable as reason:
-        unavailable(str(reason))
+    except containers.EngineUnavailable as missing:
+        missing_component(missing.component, missing.install, missing.why)
     container_report.append(f"stand-in base {tag}: ready in {time.monotonic() - started:.0f} s")
     return tag
 
@@ -341,5 +342,4 @@ def deploy() -> Any:
         http_status=http_status,
         service_environment=service_environment,
         installed_script=installed_script,
-        unavailable=unavailable,
     )

@@ -31,6 +31,8 @@ from typing import Any
 
 import pytest
 
+from tests.components import apt_install
+
 SUITE = "bookworm"
 MIRROR = "http://deb.debian.org/debian"
 PACKAGES = ("python3", "python3-venv", "ca-certificates")
@@ -55,7 +57,13 @@ DAEMON_START_SECONDS = 60
 
 
 class EngineUnavailable(Exception):
-    """Docker cannot run on this machine; the message says why and what would fix it."""
+    """Docker cannot run on this machine: the component that is missing, why, and what provides it."""
+
+    def __init__(self, component: str, install: str, why: str) -> None:
+        super().__init__(f"{component} is missing ({why}); install it with: {install}")
+        self.component = component
+        self.install = install
+        self.why = why
 
 
 def cache_dir() -> Path:
@@ -130,10 +138,14 @@ def mounts_under(directory: Path) -> list[str]:
 def start_engine(data_root: Path) -> DockerEngine:
     """Start `dockerd` for host networking only; raise EngineUnavailable when this machine cannot run one."""
     if os.geteuid() != 0:
-        raise EngineUnavailable("dockerd needs root here (rootless Docker is not set up by these tests)")
-    for program, package in (("dockerd", "docker.io"), ("docker", "docker.io")):
+        raise EngineUnavailable(
+            "root",
+            "sudo .venv/bin/pytest -m containers",
+            "the container tests start a dockerd of their own, and rootless Docker is not set up",
+        )
+    for program in ("dockerd", "docker"):
         if shutil.which(program) is None:
-            raise EngineUnavailable(f"{program} is not installed (Debian: apt-get install {package})")
+            raise EngineUnavailable(program, apt_install("docker.io"), f"{program} is not on PATH")
     data_root.mkdir(parents=True, exist_ok=True)
     # A short path of its own: unix socket paths are limited to about 100 characters.
     state_dir = Path(tempfile.mkdtemp(prefix="vae-dockerd-", dir="/tmp"))
@@ -165,7 +177,9 @@ def start_engine(data_root: Path) -> DockerEngine:
         while engine.docker("version", check=False, timeout_seconds=10).returncode != 0:
             if process.poll() is not None or time.monotonic() > deadline:
                 raise EngineUnavailable(
-                    f"dockerd did not start (exit {process.poll()}):\n{engine.log_tail()}"
+                    "a working dockerd",
+                    "a machine (or a privileged container) where root can start dockerd",
+                    f"dockerd did not start (exit {process.poll()}):\n{engine.log_tail()}",
                 )
             time.sleep(0.2)
     except BaseException:
@@ -180,7 +194,11 @@ def host_ca_bundle() -> Path:
     for candidate in candidates:
         if candidate and Path(candidate).is_file():
             return Path(candidate).resolve()
-    raise EngineUnavailable("no CA bundle found on this machine (SSL_CERT_FILE, OpenSSL's default, Debian's)")
+    raise EngineUnavailable(
+        "a CA bundle",
+        "sudo apt-get install -y ca-certificates",
+        "none at SSL_CERT_FILE, OpenSSL's default path or Debian's",
+    )
 
 
 def standin_python_image(engine: DockerEngine, work_dir: Path) -> str:
@@ -192,7 +210,7 @@ def standin_python_image(engine: DockerEngine, work_dir: Path) -> str:
     if engine.docker("image", "inspect", tag, check=False).returncode == 0:
         return tag
     if shutil.which("debootstrap") is None:
-        raise EngineUnavailable("debootstrap is not installed (Debian: apt-get install debootstrap)")
+        raise EngineUnavailable("debootstrap", apt_install("debootstrap"), "debootstrap is not on PATH")
     root = work_dir / "rootfs"
     try:
         bootstrap = subprocess.run(

@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from app.config import Settings
+from tests.components import apt_install, require_program
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BASE = ["-f", "docker-compose.yml"]
@@ -25,10 +26,7 @@ def compose_command() -> list[str]:
         probe = subprocess.run([docker, "compose", "version"], capture_output=True, check=False)
         if probe.returncode == 0:
             return [docker, "compose"]
-    legacy = shutil.which("docker-compose")
-    if legacy is None:
-        pytest.fail("neither `docker compose` nor `docker-compose` found (apt-get install docker-compose)")
-    return [legacy]
+    return [require_program("docker-compose", apt_install("docker-compose"))]  # without `docker compose`
 
 
 def compose_config(files: list[str], profiles: tuple[str, ...] = ()) -> dict[str, Any]:

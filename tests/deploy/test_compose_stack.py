@@ -17,6 +17,8 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.components import apt_install, missing_component
+
 pytestmark = [pytest.mark.slow, pytest.mark.containers]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -65,8 +67,10 @@ def test_compose_stack_is_scraped_and_leaves_nothing(
 ) -> None:
     program = compose_program()
     if not program:
-        deploy.unavailable(
-            "neither docker-compose nor `docker compose` is installed (apt-get install docker-compose)"
+        missing_component(
+            "docker-compose",
+            apt_install("docker-compose"),
+            "neither docker-compose nor `docker compose` runs",
         )
     vae_port, prometheus_port = deploy.free_ports(2)
     prometheus_config = dashboard_checks.prometheus_config_for_test(tmp_path, vae_port)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import urllib.parse
 from pathlib import Path
 from types import ModuleType
@@ -17,6 +16,8 @@ from typing import Any
 
 import pytest
 import yaml
+
+from tests.components import apt_install, require_program
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PROMETHEUS_CONFIG = REPO_ROOT / "docker" / "prometheus" / "prometheus.yml"
@@ -120,9 +121,7 @@ def test_stack_files_agree_with_each_other() -> None:
 def test_every_dashboard_query_has_data(
     deploy: Any, dashboard_checks: ModuleType, processes: Any, tmp_path: Path
 ) -> None:
-    prometheus_binary = shutil.which("prometheus")
-    if prometheus_binary is None:
-        pytest.fail("prometheus is not installed (Debian: apt-get install prometheus; .ci/run does)")
+    prometheus_binary = require_program("prometheus", apt_install("prometheus"))
     service_port = deploy.free_port()
     service = processes.start(
         [deploy.installed_script("vae-serve")],

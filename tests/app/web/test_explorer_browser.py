@@ -16,7 +16,7 @@ import pytest
 from playwright.sync_api import Browser, ConsoleMessage, Page, Request, sync_playwright
 
 from tests.app.test_server import serving
-from tests.deploy.conftest import unavailable
+from tests.components import apt_install, require_program
 
 pytestmark = pytest.mark.slow
 
@@ -36,8 +36,7 @@ SLIDER_LATENCIES_MS: list[float] = []
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
-    if not CHROMIUM.exists():
-        unavailable("Chromium is not installed (Debian: apt-get install chromium)")
+    require_program(str(CHROMIUM), apt_install("chromium"), component="chromium")
     with sync_playwright() as playwright:
         launched = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS)
         yield launched
