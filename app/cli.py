@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import logging
 import signal
 import socket
 import sys
@@ -26,6 +27,8 @@ from app.server.process import configure_logging, tune_interpreter
 from app.server.rundir import run_directory
 from app.server.supervisor import serve_workers
 from model.manifest import ManifestError
+
+logger = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,6 +103,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     # uvicorn re-raises SIGTERM once its graceful shutdown is done; by then stopping is a success.
     signal.signal(signal.SIGTERM, _exit_cleanly)
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    plural = "es" if settings.workers > 1 else ""
+    logger.info(
+        "serving on http://%s:%d with %d worker process%s", host, settings.port, settings.workers, plural
+    )
     if settings.workers > 1:
         del engine  # checked; each worker loads its own
         with run_directory() as run:

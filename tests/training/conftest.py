@@ -37,8 +37,13 @@ def tiny_config() -> TrainConfig:
 
 def _tiny_flags(**changes: Any) -> list[str]:
     """TINY (plus changes) as vae-train command-line flags."""
+    return as_flags({**TINY, **changes})
+
+
+def as_flags(values: dict[str, Any]) -> list[str]:
+    """Config values as vae-train command-line flags."""
     flags: list[str] = []
-    for key, value in {**TINY, **changes}.items():
+    for key, value in values.items():
         flag = "--" + key.replace("_", "-")
         if isinstance(value, bool):
             flags.append(flag if value else "--no-" + key.replace("_", "-"))

@@ -22,6 +22,7 @@ from torch.utils.data import DistributedSampler
 from model.loss import elbo_terms
 from model.manifest import load_model_dir
 from model.vae import VAE, VaeConfig
+from tests.training.conftest import as_flags
 from training.config import ConfigError, TrainConfig
 from training.data import load_dataset, load_mnist
 from training.distributed import (
@@ -187,19 +188,6 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def _flags(values: dict[str, Any]) -> list[str]:
-    flags: list[str] = []
-    for key, value in values.items():
-        flag = "--" + key.replace("_", "-")
-        if isinstance(value, bool):
-            flags.append(flag if value else "--no-" + key.replace("_", "-"))
-        elif isinstance(value, tuple):
-            flags += [flag, ",".join(map(str, value))]
-        else:
-            flags += [flag, str(value)]
-    return flags
-
-
 def _torchrun(run_dir: Path, log_dir: Path, dataset: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     """vae-train in two processes; each process's stdout and stderr go to its own file under log_dir."""
     command = [
@@ -215,7 +203,7 @@ def _torchrun(run_dir: Path, log_dir: Path, dataset: Path, *extra: str) -> subpr
         "training.cli",
         "--run-dir",
         str(run_dir),
-        *_flags({**DISTRIBUTED_RUN, "dataset": str(dataset)}),
+        *as_flags({**DISTRIBUTED_RUN, "dataset": str(dataset)}),
         *extra,
     ]
     environment = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
