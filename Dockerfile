@@ -29,5 +29,5 @@ EXPOSE 8000
 # Liveness only (/healthz); readiness (/readyz) is for load balancers. slim has no curl, so urllib it is.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=20s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('VAE_PORT', '8000') + '/healthz', timeout=2)"]
-# Serves the model inside the wheel; set VAE_MODEL_DIR to a model directory mounted under /models to serve that.
+# Serves the models inside the wheel; set VAE_MODEL_REPOSITORY=/models (or VAE_MODEL_DIR) to serve mounted ones.
 CMD ["vae-serve"]

@@ -1,4 +1,4 @@
-"""Admin endpoints (always behind the API key): hot reload of the served model."""
+"""Admin endpoints (always behind the API key): hot reload of a served model."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.auth import ADMIN_TAG
+from app.control import ModelControl
 from app.inputs import read_optional_json
-from app.reload import ModelReloader
 from app.schemas import Problem
 
 admin_router = APIRouter(prefix="/admin", tags=[ADMIN_TAG])
@@ -19,9 +19,14 @@ admin_router = APIRouter(prefix="/admin", tags=[ADMIN_TAG])
 class ReloadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    model: str | None = Field(
+        default=None,
+        description="The model to reload, by name (GET /models); when omitted, the default model.",
+    )
     model_dir: Path | None = Field(
         default=None,
-        description="Model directory to load; when omitted, the directory being served is read again.",
+        description="Model directory to load; when omitted, the directory the model is served from is read "
+        "again.",
     )
     allow_shape_change: bool = Field(
         default=False,
@@ -35,12 +40,13 @@ _PROBLEM = {"content": {"application/problem+json": {"schema": Problem.model_jso
 
 @admin_router.post(
     "/reload",
-    summary="Load a model directory and serve it instead of the current model",
+    summary="Load a model directory and serve it as a model of the server (default: the default model)",
     description="The new model is verified and warmed up before it replaces the old one; requests in flight "
     "finish on the old model. On failure the old model keeps serving. With several worker processes, every "
     "worker loads the model first, and all switch or none does. SIGHUP reloads the directory being served "
     "the same way.",
     responses={
+        404: {**_PROBLEM, "description": "No model of that name; the detail lists the served names."},
         409: {
             **_PROBLEM,
             "description": "Another reload is in progress, or the new model's latent_dim or image shape "
@@ -63,11 +69,12 @@ _PROBLEM = {"content": {"application/problem+json": {"schema": Problem.model_jso
 )
 async def reload_model(request: Request) -> dict[str, Any]:
     body = await read_optional_json(request, ReloadRequest, '{"model_dir": "/models/v2"}') or ReloadRequest()
-    reloader: ModelReloader = request.app.state.reloader
-    done = await reloader.reload(body.model_dir, allow_shape_change=body.allow_shape_change)
+    control: ModelControl = request.app.state.control
+    done = await control.reload(body.model, body.model_dir, allow_shape_change=body.allow_shape_change)
     return {
         "status": "reloaded",
-        "model": done.model,
+        "name": done.change.model,
+        "model": done.version_label,
         "model_dir": str(done.model_dir),
         "workers": done.workers,
         "workers_switched": done.workers_switched,

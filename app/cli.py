@@ -1,8 +1,8 @@
-"""`vae-serve`: claim the port, load and check the model, then serve it with uvicorn.
+"""`vae-serve`: claim the port, load and check the models, then serve them with uvicorn.
 
 Every Settings field is a flag (`--max-batch-size 32`) and a `VAE_` environment variable; flags win.
 With `--workers N`, N worker processes share the port under uvicorn's supervisor (app/server).
-SIGHUP reloads the model directory being served, on every worker; SIGTERM stops gracefully (within
+SIGHUP reloads the default model's directory, on every worker; SIGTERM stops gracefully (within
 --shutdown-grace-seconds) and exits 0.
 """
 
@@ -21,8 +21,10 @@ import uvicorn
 from pydantic import ValidationError
 
 from app.config import Settings
-from app.engine import Engine, StartupError
+from app.engine import StartupError
 from app.main import create_app
+from app.registry import StartModels, load_start_models
+from app.repository import RepositoryError
 from app.server.process import configure_logging, tune_interpreter
 from app.server.rundir import run_directory
 from app.server.supervisor import serve_workers
@@ -34,7 +36,8 @@ logger = logging.getLogger(__name__)
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vae-serve",
-        description="Serve a VAE model directory over HTTP. Each flag can also be set as VAE_<NAME>.",
+        description="Serve VAE models (a model repository, one model directory, or the shipped models) over "
+        "HTTP. Each flag can also be set as VAE_<NAME>.",
     )
     for name, field in Settings.model_fields.items():
         parser.add_argument(
@@ -97,10 +100,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"vae-serve: error: {error}", file=sys.stderr)
         return 1
     try:
-        engine = Engine.load(settings)
-    except (ManifestError, StartupError) as error:
+        started = load_start_models(settings)
+    except (ManifestError, StartupError, RepositoryError) as error:
         print(f"vae-serve: error: cannot serve the model: {error}", file=sys.stderr)
         return 1
+    names = ", ".join(started.engines)
+    logger.info("models loaded: %s (default: %s)", names, started.sources.default_name)
     # uvicorn re-raises SIGTERM once its graceful shutdown is done; by then stopping is a success.
     signal.signal(signal.SIGTERM, _exit_cleanly)
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
@@ -109,14 +114,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "serving on http://%s:%d with %d worker process%s", host, settings.port, settings.workers, plural
     )
     if settings.workers > 1:
-        del engine  # checked; each worker loads its own
+        del started  # checked; each worker loads its own
         with run_directory() as run:
             return serve_workers(settings, listening, run)
-    return serve_one_process(settings, engine, listening[0])
+    return serve_one_process(settings, started, listening[0])
 
 
-def serve_one_process(settings: Settings, engine: Engine, listening: socket.socket) -> int:
-    app = create_app(settings, engine, reload_on_sighup=True)
+def serve_one_process(settings: Settings, started: StartModels, listening: socket.socket) -> int:
+    app = create_app(settings, reload_on_sighup=True, started=started)
     tune_interpreter()
     config = uvicorn.Config(
         app,

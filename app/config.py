@@ -10,6 +10,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ExecutionProvider = Literal["auto", "cpu", "cuda"]
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
+ModelControlMode = Literal["none", "explicit"]
 
 
 class Settings(BaseSettings):
@@ -23,6 +24,37 @@ class Settings(BaseSettings):
             "The service serves the model in this directory (encoder.onnx, decoder.onnx, manifest.json and, "
             "when the manifest names them, latent_space.npz and score_reference.npz); "
             "when it is unset, the shipped default model in model/default is served."
+        ),
+    )
+    model_repository: Path | None = Field(
+        default=None,
+        description=(
+            "The service serves every immediate sub-folder of this directory that holds a manifest.json, "
+            "each as a model named by its folder name (GET /models, /models/<name>/...); when neither this "
+            "nor model_dir is set, the shipped models are served: mnist-vae (the default), mnist-ae and "
+            "mnist-pca."
+        ),
+    )
+    default_model: str | None = Field(
+        default=None,
+        description=(
+            "The unprefixed routes (/encode, /sample, GET /model, ...) serve the model of this name; unset, "
+            "the only model, the shipped VAE, or else the first name in alphabetical order."
+        ),
+    )
+    model_control_mode: ModelControlMode = Field(
+        default="none",
+        description=(
+            "In mode 'none' every model of the repository loads at start; in 'explicit' only the default "
+            "model and those in load_models do, and the rest when POST /v2/repository/models/<name>/load "
+            "asks."
+        ),
+    )
+    load_models: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description=(
+            "With model_control_mode 'explicit', these models (comma-separated names) load at start, "
+            "besides the default model."
         ),
     )
     host: str = Field(default="127.0.0.1", description="The HTTP server binds to this interface address.")
@@ -230,7 +262,7 @@ class Settings(BaseSettings):
         ),
     )
 
-    @field_validator("cors_allow_origins", mode="before")
+    @field_validator("cors_allow_origins", "load_models", mode="before")
     @classmethod
     def _split_origins(cls, value: object) -> object:
         if isinstance(value, str):

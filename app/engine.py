@@ -285,8 +285,8 @@ class Engine:
             self.decoder_session.run(self._decoder_outputs, {self.manifest.tensors.decoder_input: latents})
         )
 
-    def start(self, settings: Settings, metrics: Metrics) -> None:
-        """Start one batcher per part on the running event loop."""
+    def start(self, settings: Settings, metrics: Metrics, model_name: str) -> None:
+        """Start one batcher per part on the running event loop, counted in metrics as `model_name`."""
         batching: dict[str, Any] = {
             "max_batch_size": settings.max_batch_size,
             "max_wait_ms": settings.max_wait_ms,
@@ -295,18 +295,24 @@ class Engine:
             "niceness": settings.inference_niceness,
         }
         self._encoder_batcher = Batcher(
-            self.run_encoder, part="encoder", metrics=metrics.for_part("encoder"), **batching
+            self.run_encoder, part="encoder", metrics=metrics.for_part(model_name, "encoder"), **batching
         )
         self._decoder_batcher = Batcher(
-            self.run_decoder, part="decoder", metrics=metrics.for_part("decoder"), **batching
+            self.run_decoder, part="decoder", metrics=metrics.for_part(model_name, "decoder"), **batching
         )
         self._encoder_batcher.start()
         self._decoder_batcher.start()
+        metrics.add_model(model_name)
 
     async def stop_when_idle(self) -> None:
         """Stop once the requests that use this engine are answered (after a reload replaced it)."""
         await self._idle.wait()
         await self.stop()
+
+    def release(self) -> None:
+        """Close the onnxruntime sessions once stopped, so their memory is freed now, not when the last
+        reference to this engine goes; the engine cannot run again."""
+        del self.encoder_session, self.decoder_session
 
     async def stop(self) -> None:
         for batcher in (self._encoder_batcher, self._decoder_batcher):

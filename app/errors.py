@@ -138,7 +138,19 @@ class ReloadInProgress(VaeError):
     status, title, slug = 409, "Reload in progress", "reload-in-progress"
 
     def __init__(self) -> None:
-        super().__init__("another model reload is in progress; retry when it has finished")
+        super().__init__(
+            "another model reload (or load or unload) is in progress; retry when it has finished"
+        )
+
+
+class UnloadRefused(VaeError):
+    status, title, slug = 409, "Unload refused", "unload-refused"
+
+
+class ModelNotLoaded(VaeError):
+    """A model of the repository that is not serving now: never loaded, unloaded, or failed to load."""
+
+    status, title, slug = 503, "Model not loaded", "model-not-loaded"
 
 
 class ReloadFailed(VaeError):

@@ -1,4 +1,5 @@
-"""The app factory: `create_app(settings)` wires settings, metrics, engine, routes and error handling."""
+"""The app factory: `create_app(settings)` wires settings, metrics, the model registry, routes and error
+handling."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from starlette.types import ASGIApp
 from app.admin import admin_router
 from app.auth import ApiKeyMiddleware, ApiKeyPolicy, document_security, route_access
 from app.config import Settings
+from app.control import ModelControl
 from app.engine import Engine
 from app.errors import install_error_handlers
 from app.latent_routes import router as latent_router
@@ -27,8 +29,16 @@ from app.oip.codec import HEADER_LENGTH_HEADER
 from app.oip.errors import ProtocolErrorMiddleware
 from app.oip.routes import document_protocol, infer_queue
 from app.oip.routes import router as protocol_router
-from app.reload import ModelReloader
-from app.routes import FIRST_QUEUE_BY_ROUTE, MODEL_VERSION_HEADER, query_router, router
+from app.registry import ModelRegistry, StartModels, load_start_models
+from app.repository import model_sources
+from app.routes import (
+    MODEL_VERSION_HEADER,
+    document_model_name,
+    first_queue_of,
+    model_routes,
+    query_router,
+    router,
+)
 from app.schemas import Problem
 from app.score_routes import router as score_router
 from app.web.routes import asset_mounts
@@ -66,53 +76,64 @@ class ServiceApp(FastAPI):
         return app
 
 
-def first_queue(method: str, path: str, engine: Engine) -> str | None:
-    """The batcher queue a model request enters first ("encoder" or "decoder"), for the load shedder."""
-    return FIRST_QUEUE_BY_ROUTE.get((method, path)) or infer_queue(method, path, engine)
+def first_queue(method: str, path: str, registry: ModelRegistry) -> tuple[str, str] | None:
+    """The model and the batcher queue ("encoder" or "decoder") a model request enters first, for the load
+    shedder; None for other requests."""
+    return first_queue_of(method, path, registry.default_name) or infer_queue(method, path, registry)
 
 
-# Makes the app's reloader: ModelReloader, or a worker group's (app/server/group.py).
-ReloaderFactory = Callable[[FastAPI, Settings, Metrics], ModelReloader]
+# Makes the app's model control: ModelControl, or a worker group's (app/server/group.py).
+ControlFactory = Callable[[ModelRegistry, Settings, Metrics], ModelControl]
 
 
 def create_app(
     settings: Settings | None = None,
     engine: Engine | None = None,
     reload_on_sighup: bool = False,
-    reloader: ReloaderFactory = ModelReloader,
+    control: ControlFactory = ModelControl,
+    started: StartModels | None = None,
 ) -> FastAPI:
-    """A FastAPI app serving one model; `engine` may be pre-loaded (the CLI does, to fail fast).
+    """A FastAPI app serving the settings' models. `started` are the models loaded already (the CLI loads
+    them first, to fail fast), or `engine` the default model's; otherwise they load at startup.
 
     `reload_on_sighup` installs a SIGHUP handler on the running loop (main thread only: the CLI sets it).
     """
     settings = settings if settings is not None else Settings()
+    registry: ModelRegistry | None = None
 
-    def served_model() -> dict[str, str] | None:
-        serving: Engine | None = app.state.engine
-        return serving.info_labels if serving is not None else None
+    def served_models() -> list[dict[str, str]]:
+        return registry.info_labels() if registry is not None else []
 
-    metrics = Metrics(served_model)
+    def model_memory() -> dict[str, int]:
+        return registry.memory_by_model() if registry is not None else {}
+
+    metrics = Metrics(served_models, model_memory)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        loaded = engine if engine is not None else Engine.load(settings)
-        loaded.start(settings, metrics)
-        app.state.engine = loaded
-        reloads = app.state.reloader = reloader(app, settings, metrics)
-        await reloads.start()
+        nonlocal registry
+        if started is not None:
+            loaded = started
+        else:
+            given = {model_sources(settings).default_name: engine} if engine is not None else None
+            loaded = load_start_models(settings, given=given)
+        registry = app.state.models = ModelRegistry(loaded.sources, settings, metrics)
+        registry.serve_at_start(loaded)
+        controls = app.state.control = control(registry, settings, metrics)
+        await controls.start()
         loop = asyncio.get_running_loop()
         if reload_on_sighup:
-            loop.add_signal_handler(signal.SIGHUP, reloads.reload_on_signal)
+            loop.add_signal_handler(signal.SIGHUP, controls.reload_on_signal)
         try:
             yield
         finally:
             if reload_on_sighup:
                 loop.remove_signal_handler(signal.SIGHUP)
-            await reloads.stop()
-            serving: Engine | None = app.state.engine
-            app.state.engine = None
-            if serving is not None:
-                await serving.stop()
+            await controls.stop()
+            for model in registry:
+                serving = registry.take_out(model.name, "the server stopped")
+                if serving is not None:
+                    await serving.stop()
 
     app = ServiceApp(
         title="VAE service",
@@ -125,12 +146,14 @@ def create_app(
     )
     app.state.settings = settings
     app.state.metrics = metrics
-    app.state.engine = None
+    app.state.models = None
     install_error_handlers(app)
     routers = (query_router, latent_router, score_router, router, protocol_router, admin_router, web_router)
     for included in routers:
         # Into the app's own route list: include_router would add a lookup to every request (3% of /encode).
         app.router.routes.extend(included.routes)
+    # The same model routes once more under /models/{model_name}, after the others: /encode stays first.
+    app.router.routes.extend(model_routes(query_router, latent_router, score_router))
     app.router.routes.extend(asset_mounts())
     routes = list(app.routes)
 
@@ -146,6 +169,7 @@ def create_app(
                 Problem.model_json_schema(),
             )
             document_protocol(schema)
+            document_model_name(schema)
             app.openapi_schema = schema
         return app.openapi_schema
 
@@ -168,7 +192,7 @@ def create_app(
             LoadShedder,
             recorder=recorder,
             api_keys=api_keys,
-            serving_engine=lambda: app.state.engine,
+            registry=lambda: app.state.models,
             first_queue=first_queue,
         )
     )

@@ -13,9 +13,9 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.auth import ApiKeyPolicy
-from app.engine import Engine
 from app.errors import DeadlineExceeded, QueueFull, RequestTooLarge
 from app.metrics import Metrics
+from app.registry import MODEL_SCOPE_KEY, ModelRegistry
 from app.routing import path_templates
 
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -25,18 +25,20 @@ CLIENT_CLOSED_REQUEST = 499
 
 class RequestRecorder:
     """vae_requests_total and vae_request_duration_seconds by route template ("other" for unknown paths),
-    method and status. A path with parameters counts under its template, `/v2/models/{model_name}/infer`,
-    routed or not (the load shedder answers before routing)."""
+    method, status and model. A path with parameters counts under its template,
+    `/models/{model_name}/encode`, routed or not (the load shedder answers before routing); the model is the
+    one the request used (empty for routes of no model, and for unknown models)."""
 
     def __init__(self, metrics: Metrics, routes: Sequence[BaseRoute]) -> None:
         self.metrics = metrics
         paths = [path for route in routes if isinstance(path := getattr(route, "path", None), str)]
         self.route_paths = frozenset(paths)
         self.templates = path_templates(paths)
-        self._cache: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+        self._cache: dict[tuple[str, str, int, str], tuple[Counter, Histogram]] = {}
 
     def record(self, scope: Scope, status: int, duration_seconds: float) -> None:
-        counter, duration = self._children(self._template(scope), scope["method"], status)
+        model = scope.get(MODEL_SCOPE_KEY, "")
+        counter, duration = self._children(self._template(scope), scope["method"], status, model)
         counter.inc()
         duration.observe(duration_seconds)
 
@@ -49,16 +51,19 @@ class RequestRecorder:
             return route.path
         return next((template for regex, template in self.templates if regex.match(path)), path)
 
-    def _children(self, path: str, method: str, status: int) -> tuple[Counter, Histogram]:
-        """The labelled metric children for one request, cached: `labels()` costs microseconds per call."""
-        key = (path, method, status)
+    def _children(self, path: str, method: str, status: int, model: str) -> tuple[Counter, Histogram]:
+        """The labelled metric children for one request, cached: `labels()` costs microseconds per call.
+        `model` is always a served model's name or empty, so it cannot grow the cache without bound."""
+        key = (path, method, status, model)
         children = self._cache.get(key)
         if children is None:
             endpoint = path if path in self.route_paths else "other"
             method_label = method if method in KNOWN_METHODS else "other"
             children = (
-                self.metrics.requests.labels(endpoint=endpoint, method=method_label, status=str(status)),
-                self.metrics.request_duration_seconds.labels(endpoint=endpoint),
+                self.metrics.requests.labels(
+                    endpoint=endpoint, method=method_label, status=str(status), model=model
+                ),
+                self.metrics.request_duration_seconds.labels(endpoint=endpoint, model=model),
             )
             if endpoint != "other" and method_label != "other":  # arbitrary paths must not grow the cache
                 self._cache[key] = children
@@ -98,8 +103,9 @@ class MetricsMiddleware:
 
 
 class LoadShedder:
-    """While a model route's first queue (encoder or decoder) is full, answer its requests with the 503
-    problem before anything else runs: they would get it anyway, after costing several times more CPU.
+    """While a model route's first queue (its model's encoder or decoder) is full, answer its requests with
+    the 503 problem before anything else runs: they would get it anyway, after costing several times more
+    CPU. Each model has its own queues, so one model's overload never refuses another's requests.
 
     The app's outermost layer but CORS (app/main.py), so a refusal skips FastAPI's middleware stack; cheap
     refusals keep results flowing under overload. Requests the API key policy refuses pass on, to get
@@ -111,19 +117,27 @@ class LoadShedder:
         app: ASGIApp,
         recorder: RequestRecorder,
         api_keys: ApiKeyPolicy,
-        serving_engine: Callable[[], Engine | None],
-        first_queue: Callable[[str, str, Engine], str | None],
+        registry: Callable[[], ModelRegistry | None],
+        first_queue: Callable[[str, str, ModelRegistry], tuple[str, str] | None],
     ) -> None:
         self.app = app
         self.recorder = recorder
         self.api_keys = api_keys
-        self.serving_engine = serving_engine
+        self.registry = registry
         self.first_queue = first_queue
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and (engine := self.serving_engine()) is not None:
-            part = self.first_queue(scope["method"], scope["path"], engine)
-            if part is not None and not engine.has_room(part) and self.api_keys.refusal(scope) is None:
+        if scope["type"] == "http" and (registry := self.registry()) is not None:
+            queue = self.first_queue(scope["method"], scope["path"], registry)
+            engine = registry.engine_if_ready(queue[0]) if queue is not None else None
+            if (
+                queue is not None
+                and engine is not None
+                and not engine.has_room(queue[1])
+                and self.api_keys.refusal(scope) is None
+            ):
+                model, part = queue
+                scope[MODEL_SCOPE_KEY] = model
                 started = time.perf_counter()
                 try:
                     engine.check_room(part)  # counts the rejection
@@ -275,7 +289,8 @@ class RequestGuardMiddleware:
                 raise
             if guard.client_gone.is_set() or guard.response_started:
                 return  # nobody to answer, or too late to change the answer
-            self.metrics.requests_rejected.labels(reason="timeout").inc()
+            model = scope.get(MODEL_SCOPE_KEY, "")
+            self.metrics.requests_rejected.labels(model=model, reason="timeout").inc()
             await DeadlineExceeded(self.timeout_seconds).response()(scope, receive, send)
         finally:
             guard.stop()

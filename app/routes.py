@@ -1,4 +1,9 @@
-"""HTTP endpoints. Each one parses, calls the engine, formats; limits come from the app's Settings."""
+"""HTTP endpoints. Each one parses, calls the engine, formats; limits come from the app's Settings.
+
+Every model endpoint serves the default model at its own path (`/encode`) and any model of the repository
+under `/models/{model_name}` (`/models/mnist-ae/encode`): the same route, registered twice (`model_routes`);
+`serving` finds the model the path names.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ from typing import Annotated, Any
 
 import numpy as np
 from fastapi import APIRouter, Query, Request
+from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.responses import Response
 
@@ -28,6 +34,7 @@ from app.latents import (
     reparameterize,
 )
 from app.metrics import Metrics
+from app.registry import MODEL_SCOPE_KEY, ModelRegistry
 from app.responses import ArrayJSONResponse, image_response
 from app.routing import QueryRoute
 from app.schemas import (
@@ -46,6 +53,7 @@ router = APIRouter()
 query_router = APIRouter(route_class=QueryRoute)
 OPS_TAG = "operations"
 MODEL_VERSION_HEADER = "X-Model-Version"
+MODELS_PREFIX = "/models/{model_name}"
 # The queue each route's items always enter first; while it is full, the load shedder refuses the route
 # with 503 before parsing (/interpolate's first queue depends on its body, so it is not listed).
 FIRST_QUEUE_BY_ROUTE = {
@@ -101,11 +109,12 @@ _INTERPOLATE_BODY: dict[str, Any] = {
 }
 _PROBLEM_SCHEMA = Problem.model_json_schema()
 PROBLEM_DESCRIPTIONS = {
+    404: "No model of that name; the detail lists the served names.",
     413: "Body or image too large.",
     415: "Not an image, or an unsupported Content-Type.",
     422: "Invalid query parameter or body: corrupt image, wrong latent length, non-finite numbers, an "
     "unknown parameter, or a limit exceeded.",
-    503: "Queue full (see Retry-After) or model not ready.",
+    503: "Queue full (see Retry-After), or the model is not ready or not loaded.",
     504: "Deadline exceeded.",
 }
 
@@ -149,21 +158,34 @@ ColumnsQuery = Annotated[
 ]
 
 
-def ready_engine(request: Request, readiness_path: str = "/readyz") -> Engine:
-    """The app's engine once loaded and warmed up; ModelNotReady (503) before, pointing at the probe."""
-    engine: Engine | None = request.app.state.engine
-    if engine is None or not engine.ready:
+def model_registry(request: Request, readiness_path: str = "/readyz") -> ModelRegistry:
+    """The app's model registry; ModelNotReady (503) while the server starts, pointing at the probe."""
+    registry: ModelRegistry | None = request.app.state.models
+    if registry is None:
         raise ModelNotReady(f"the model is still loading; poll {readiness_path}")
-    return engine
+    return registry
+
+
+def ready_engine(request: Request, readiness_path: str = "/readyz", model: str | None = None) -> Engine:
+    """The ready engine of `model` (default: the default model); 404 for an unknown model, 503 while it
+    loads or when it is not loaded."""
+    return model_registry(request, readiness_path).ready_engine(model, readiness_path)
 
 
 @contextmanager
-def serving(request: Request, readiness_path: str = "/readyz") -> Iterator[tuple[Engine, Settings]]:
-    """The ready engine, held until the request is answered (a reload waits for it), and the settings.
+def serving(
+    request: Request, readiness_path: str = "/readyz", model: str | None = None
+) -> Iterator[tuple[Engine, Settings]]:
+    """The ready engine of `model`, else of the model the path names (`/models/{model_name}/...`), else of
+    the default model, held until the request is answered (a reload or unload waits for it); and the
+    settings.
 
     A plain context manager: Depends costs ~20 us per request.
     """
-    with ready_engine(request, readiness_path).in_use() as engine:
+    registry = model_registry(request, readiness_path)
+    name = model if model is not None else request.path_params.get("model_name")
+    with registry.ready_engine(name, readiness_path).in_use() as engine:
+        request.scope[MODEL_SCOPE_KEY] = registry.default_name if name is None else name
         yield engine, request.app.state.settings
 
 
@@ -372,11 +394,27 @@ async def readyz(request: Request) -> dict[str, str]:
 
 
 @router.get(
-    "/model",
+    "/models",
     tags=[MODEL_TAG],
-    summary="The served model's manifest, provider, batching and limits",
+    summary="Every model of the repository: name, version, kind, state, shapes and memory",
+    description="`state` is `ready`, `loading`, `unloading` or `unavailable` (with its `reason`: not loaded, "
+    "unloaded, or why its load failed). Models load and unload with POST /v2/repository/models/<name>/load "
+    "and /unload; `default_model` is the one the unprefixed routes serve.",
     responses=problems(503),
 )
+async def list_models(request: Request) -> dict[str, Any]:
+    return model_registry(request).describe()
+
+
+_MODEL_INFO_DOCS: dict[str, Any] = {
+    "tags": [MODEL_TAG],
+    "summary": "A model's manifest, provider, batching and limits (GET /model: the default model's)",
+    "responses": problems(503),  # and 404 under /models/{model_name} (document_model_name)
+}
+
+
+@router.get("/model", **_MODEL_INFO_DOCS)
+@router.get(MODELS_PREFIX, **_MODEL_INFO_DOCS)
 async def model_info(request: Request, response: Response) -> dict[str, Any]:
     with serving(request) as (engine, settings):
         versioned(response, engine)
@@ -476,3 +514,68 @@ def describe_latent_space(space: LatentSpace | None, latent_dim: int) -> dict[st
 async def metrics(request: Request) -> Response:
     app_metrics: Metrics = request.app.state.metrics
     return Response(generate_latest(app_metrics.exposition), media_type=CONTENT_TYPE_LATEST)
+
+
+def model_routes(*routers: APIRouter) -> list[APIRoute]:
+    """The routers' model endpoints once more under /models/{model_name}: same endpoints, same route
+    classes, same documentation, each served by the model its path names (`serving`)."""
+    return [
+        type(route)(
+            MODELS_PREFIX + route.path,
+            route.endpoint,
+            methods=route.methods,
+            response_model=route.response_model,
+            tags=route.tags,
+            summary=route.summary,
+            description=route.description,
+            responses=route.responses,
+            openapi_extra=route.openapi_extra,
+            name=route.name,
+            include_in_schema=route.include_in_schema,
+        )
+        for included in routers
+        for route in included.routes
+        if isinstance(route, APIRoute)
+    ]
+
+
+def first_queue_of(method: str, path: str, default_model: str) -> tuple[str, str] | None:
+    """The model and the queue ("encoder" or "decoder") a model route's items always enter first (None for
+    other paths), for the load shedder."""
+    part = FIRST_QUEUE_BY_ROUTE.get((method, path))
+    if part is not None:
+        return default_model, part
+    if path.startswith("/models/"):
+        name, _, route = path.removeprefix("/models/").partition("/")
+        part = FIRST_QUEUE_BY_ROUTE.get((method, "/" + route))
+        if part is not None:
+            return name, part
+    return None
+
+
+MODEL_NAME_PARAMETER = {
+    "name": "model_name",
+    "in": "path",
+    "required": True,
+    "description": "A model of the repository (GET /models lists them).",
+    "schema": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]*$"},
+}
+
+
+def document_model_name(schema: dict[str, Any]) -> None:
+    """Document the `model_name` path parameter of the /models/{model_name} routes, which the endpoints read
+    from the path themselves (they also serve the unprefixed paths, where there is none)."""
+    for path, operations in schema.get("paths", {}).items():
+        if not path.startswith(MODELS_PREFIX):
+            continue
+        for operation in operations.values():
+            parameters = operation.setdefault("parameters", [])
+            if not any(parameter.get("name") == "model_name" for parameter in parameters):
+                parameters.insert(0, MODEL_NAME_PARAMETER)
+            operation.get("responses", {}).setdefault(
+                "404",
+                {
+                    "description": PROBLEM_DESCRIPTIONS[404],
+                    "content": {"application/problem+json": {"schema": _PROBLEM_SCHEMA}},
+                },
+            )

@@ -19,6 +19,7 @@ from app.errors import InvalidRequest, LimitExceeded
 from app.inputs import images_to_array, read_image_blobs
 from app.latents import pick_seed
 from app.metrics import Metrics
+from app.registry import MODEL_SCOPE_KEY
 from app.responses import INLINE_ENCODE_MAX_VALUES, ArrayJSONResponse
 from app.routes import BODY_PROBLEMS, IMAGE_UPLOAD_BODY, SeedQuery, serving, versioned
 from app.routing import QueryRoute
@@ -132,7 +133,7 @@ async def score(
             scores = await asyncio.to_thread(_scores, *arguments)
         alpha = settings.anomaly_alpha if alpha is None else alpha
         items = _items(engine, scores, alpha)
-        _record(request.app.state.metrics, scores, items)
+        _record(request.app.state.metrics, request.scope[MODEL_SCOPE_KEY], scores, items)
         body: dict[str, Any] = {"k": k, "seed": seed, "alpha": alpha, "score": ANOMALY_SCORE, "items": items}
         notes = [exactness_note(engine)]
         reference = engine.score_reference
@@ -177,9 +178,10 @@ def _items(engine: Engine, scores: dict[str, np.ndarray], alpha: float) -> list[
     ]
 
 
-def _record(metrics: Metrics, scores: dict[str, np.ndarray], items: list[dict[str, Any]]) -> None:
+def _record(metrics: Metrics, model: str, scores: dict[str, np.ndarray], items: list[dict[str, Any]]) -> None:
+    negative_elbo = metrics.score_negative_elbo.labels(model=model)
     for value in scores[ANOMALY_SCORE]:
-        metrics.score_negative_elbo.observe(float(value))
+        negative_elbo.observe(float(value))
     flagged = sum(1 for item in items if item["anomalous"])
     if flagged:
-        metrics.anomalous_images.inc(flagged)
+        metrics.anomalous_images.labels(model=model).inc(flagged)

@@ -1,6 +1,7 @@
 """The Open Inference Protocol's HTTP endpoints: health, server and model metadata, readiness, inference, and
-the repository index. The served model appears as two protocol models, `<name>-encoder` and `<name>-decoder`,
-at the manifest's version; their requests go through the same batchers as /encode and /decode.
+the repository extension (index, load, unload). Each model of the repository appears as two protocol models,
+`<name>-encoder` and `<name>-decoder`, at its manifest's version; their requests go through the same batchers
+as /models/<name>/encode and /decode.
 """
 
 from __future__ import annotations
@@ -10,10 +11,11 @@ from typing import Any, Literal
 
 import numpy as np
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.responses import JSONResponse, Response
 
-from app.auth import INFERENCE_PROTOCOL_TAG
+from app.auth import ADMIN_TAG, INFERENCE_PROTOCOL_TAG
+from app.control import ModelControl
 from app.engine import Engine
 from app.errors import BadRequest, NonFiniteValues, UnknownModel
 from app.oip.codec import (
@@ -24,7 +26,9 @@ from app.oip.codec import (
     infer_response,
     parse_infer_request,
 )
-from app.routes import MODEL_VERSION_HEADER, OPS_TAG, ready_engine, serving
+from app.registry import MODEL_SCOPE_KEY, ModelRegistry, ServedModel
+from app.repository import shown
+from app.routes import MODEL_VERSION_HEADER, OPS_TAG, model_registry, serving
 from model.manifest import Manifest
 
 PROTOCOL_PREFIX = "/v2"
@@ -57,22 +61,32 @@ class ProtocolModel:
         }
 
 
-def protocol_models(manifest: Manifest) -> dict[str, ProtocolModel]:
-    """The encoder and the decoder of `manifest`'s model, by protocol name."""
+PARTS: tuple[Part, Part] = ("encoder", "decoder")
+# Triton's model states, by the registry's.
+PROTOCOL_STATES = {
+    "ready": "READY",
+    "loading": "LOADING",
+    "unloading": "UNLOADING",
+    "unavailable": "UNAVAILABLE",
+}
+
+
+def protocol_models(name: str, manifest: Manifest) -> dict[str, ProtocolModel]:
+    """The encoder and the decoder of the model `name` with `manifest`, by protocol name."""
     names, images, latents = manifest.tensors, (-1, *manifest.image.shape), (-1, manifest.latent_dim)
     decoder_outputs = [TensorSpec(names.decoder_output, images)]
     if names.decoder_logits is not None:
         decoder_outputs.append(TensorSpec(names.decoder_logits, images))
     models = (
         ProtocolModel(
-            f"{manifest.name}-encoder",
+            f"{name}-encoder",
             manifest.version,
             "encoder",
             TensorSpec(names.encoder_input, images, value_range=manifest.image.value_range),
             (TensorSpec(names.encoder_mean, latents), TensorSpec(names.encoder_log_var, latents)),
         ),
         ProtocolModel(
-            f"{manifest.name}-decoder",
+            f"{name}-decoder",
             manifest.version,
             "decoder",
             TensorSpec(names.decoder_input, latents),
@@ -82,30 +96,49 @@ def protocol_models(manifest: Manifest) -> dict[str, ProtocolModel]:
     return {model.name: model for model in models}
 
 
-def find_model(engine: Engine, name: str, version: str | None) -> ProtocolModel:
-    """The protocol model `name` (at `version`, when given); UnknownModel (404) naming what is served."""
-    models = protocol_models(engine.manifest)
-    model = models.get(name)
+def repository_model(registry: ModelRegistry, name: str) -> ServedModel:
+    """The repository model a protocol name means: `<name>-encoder`, `<name>-decoder`, or `<name>` itself;
+    UnknownModel (404) naming every protocol model."""
+    for part in PARTS:
+        if name.endswith("-" + part) and name.removesuffix("-" + part) in registry.models:
+            return registry.models[name.removesuffix("-" + part)]
+    if name in registry.models:
+        return registry.models[name]
+    served = shown(f"{model}-{part}" for model in registry.models for part in PARTS)
+    raise UnknownModel(f"there is no model {name!r}; this server serves {served}")
+
+
+def find_model(request: Request, name: str, version: str | None) -> tuple[ServedModel, ProtocolModel]:
+    """The repository model and the protocol model `name` (at `version`, when given) once ready: 404 naming
+    what is served, 503 while it is not ready or not loaded."""
+    registry = model_registry(request, READINESS_PATH)
+    served = repository_model(registry, name)
+    engine = registry.ready_engine(served.name, READINESS_PATH)
+    request.scope[MODEL_SCOPE_KEY] = served.name
+    model = protocol_models(served.name, engine.manifest).get(name)
     if model is None:
-        served = ", ".join(repr(served) for served in models)
-        raise UnknownModel(f"there is no model {name!r}; this server serves {served}")
+        raise UnknownModel(
+            f"there is no model {name!r}; ask for {served.name}-encoder or {served.name}-decoder"
+        )
     if version is not None and version != model.version:
         raise UnknownModel(f"model {name!r} has no version {version!r}; it serves version {model.version!r}")
-    return model
+    return served, model
 
 
-def infer_queue(method: str, path: str, engine: Engine) -> Part | None:
-    """The batcher queue an inference request on `path` enters first, for the load shedder; None for other
-    requests, and for models this server does not serve (they get their 404)."""
+def infer_queue(method: str, path: str, registry: ModelRegistry) -> tuple[str, Part] | None:
+    """The model and batcher queue an inference request on `path` enters first, for the load shedder; None
+    for other requests, and for models this server does not serve (they get their 404)."""
     if method != "POST" or not path.startswith("/v2/models/"):
         return None
     segments = path.split("/")  # "", "v2", "models", name, ["versions", version,] "infer"
     if len(segments) not in (5, 7) or segments[-1] != "infer":
         return None
-    name, prefix = segments[3], engine.manifest.name + "-"
-    if name == prefix + "encoder":
-        return "encoder"
-    return "decoder" if name == prefix + "decoder" else None
+    name = segments[3]
+    for part in PARTS:
+        model = name.removesuffix("-" + part)
+        if model != name and model in registry.models:
+            return model, part
+    return None
 
 
 async def run_model(engine: Engine, model: ProtocolModel, inputs: np.ndarray) -> dict[str, np.ndarray]:
@@ -212,8 +245,12 @@ def document_protocol(schema: dict[str, Any]) -> None:
             for operation in operations.values():
                 responses = operation.get("responses", {})
                 responses.pop("422", None)
-                if "401" in responses:  # app/auth.py documents it as problem JSON, which /v2 turns into this
-                    responses["401"]["content"] = protocol_error
+                for status in (
+                    "401",
+                    "403",
+                ):  # app/auth.py documents them as problem JSON, which /v2 rewrites
+                    if status in responses:
+                        responses[status]["content"] = protocol_error
 
 
 def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -276,8 +313,9 @@ async def live() -> dict[str, bool]:
     responses={503: {"content": {"application/json": {}}, "description": "Not ready yet."}},
 )
 async def ready(request: Request) -> Response:
-    engine: Engine | None = request.app.state.engine
-    if engine is None or not engine.ready:
+    registry: ModelRegistry | None = request.app.state.models
+    engine = registry.engine_if_ready(registry.default_name) if registry is not None else None
+    if engine is None:
         return JSONResponse({"ready": False, "error": "the model is still loading"}, status_code=503)
     return JSONResponse({"ready": True})
 
@@ -288,7 +326,7 @@ async def server_metadata(request: Request) -> dict[str, Any]:
 
 
 def _ready_model(request: Request, name: str, version: str | None) -> ProtocolModel:
-    return find_model(ready_engine(request, READINESS_PATH), name, version)
+    return find_model(request, name, version)[1]
 
 
 @router.get("/models/{model_name}", **_METADATA_DOCS)
@@ -322,8 +360,8 @@ async def infer_version(request: Request, model_name: str, model_version: str) -
 
 
 async def _infer(request: Request, model_name: str, model_version: str | None) -> Response:
-    with serving(request, READINESS_PATH) as (engine, settings):
-        model = find_model(engine, model_name, model_version)
+    served, model = find_model(request, model_name, model_version)
+    with serving(request, READINESS_PATH, served.name) as (engine, settings):
         body = decompress(
             await request.body(), request.headers.get("content-encoding"), settings.max_body_bytes
         )
@@ -347,13 +385,96 @@ async def _infer(request: Request, model_name: str, model_version: str | None) -
 @router.post(
     "/repository/index",
     tags=[INFERENCE_PROTOCOL_TAG],
-    summary="The models this server serves, and their state",
+    summary="Every model of the repository, and its state",
+    description="Each model appears as `<name>-encoder` and `<name>-decoder`; `state` is READY, LOADING, "
+    "UNLOADING or UNAVAILABLE, with the reason.",
     response_model=list[RepositoryEntry],
     responses=_errors(413, 503),
 )
 async def repository_index(request: Request) -> list[dict[str, str]]:
-    engine = ready_engine(request, READINESS_PATH)
-    return [
-        {"name": model.name, "version": model.version, "state": "READY", "reason": ""}
-        for model in protocol_models(engine.manifest).values()
-    ]
+    registry = model_registry(request, READINESS_PATH)
+    entries = []
+    for served in sorted(registry, key=lambda served: served.name):
+        manifest = served.manifest
+        for part in PARTS:
+            entries.append(
+                {
+                    "name": f"{served.name}-{part}",
+                    "version": manifest.version if manifest is not None else "",
+                    "state": PROTOCOL_STATES[served.state],
+                    "reason": served.reason,
+                }
+            )
+    return entries
+
+
+class RepositoryControlRequest(BaseModel):
+    """Triton's load and unload body; the service takes no parameters."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    parameters: dict[str, Any] = Field(default_factory=dict, max_length=0)
+
+
+_CONTROL_DOCS: dict[str, Any] = {
+    "tags": [INFERENCE_PROTOCOL_TAG, ADMIN_TAG],
+    "responses": {
+        **_errors(400, 404, 413, 503, 504),
+        409: {
+            "content": {"application/json": {"schema": ProtocolError.model_json_schema()}},
+            "description": "Another load, unload or reload is running, or the default model cannot be "
+            "unloaded.",
+        },
+    },
+    "openapi_extra": {
+        "requestBody": {
+            "required": False,
+            "content": {"application/json": {"schema": RepositoryControlRequest.model_json_schema()}},
+        }
+    },
+}
+
+
+async def _repository_control(request: Request, model_name: str) -> tuple[ModelControl, str]:
+    """The model control and the repository model the path names (either part's name works too); the body
+    must be empty or `{}` (Triton's `parameters` are for its own backends)."""
+    body = await request.body()
+    if body.strip():
+        try:
+            RepositoryControlRequest.model_validate_json(body)
+        except ValidationError:
+            raise BadRequest("load and unload take no parameters here: send an empty body or {}") from None
+    registry = model_registry(request, READINESS_PATH)
+    try:
+        name = repository_model(registry, model_name).name
+    except UnknownModel:
+        if request.url.path.endswith("/unload"):
+            raise
+        name = registry.discover(model_name).name  # a folder added to the repository since the start
+    return request.app.state.control, name
+
+
+@router.post(
+    "/repository/models/{model_name}/load",
+    summary="Load a model of the repository (or load it again), on every worker",
+    description="The model's folder is read, verified and warmed up while the other models keep serving; "
+    "a failure changes nothing. Takes the model's name, or either part's.",
+    **_CONTROL_DOCS,
+)
+async def repository_load(request: Request, model_name: str) -> dict[str, Any]:
+    control, name = await _repository_control(request, model_name)
+    await control.load(name)
+    return {}
+
+
+@router.post(
+    "/repository/models/{model_name}/unload",
+    summary="Unload a model of the repository, on every worker",
+    description="New requests for the model get 503 at once; those in flight finish, then its memory is "
+    "given back. The default model cannot be unloaded.",
+    **_CONTROL_DOCS,
+)
+async def repository_unload(request: Request, model_name: str) -> dict[str, Any]:
+    control, name = await _repository_control(request, model_name)
+    await control.unload(name)
+    return {}

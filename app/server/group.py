@@ -1,17 +1,18 @@
-"""A reload across worker processes: every worker switches to the new model, or none does.
+"""Model changes across worker processes: every worker switches to the new state, or none does.
 
-Each worker listens on a Unix socket in the run directory (control/<pid>). The worker that gets
-`POST /admin/reload` (or SIGHUP; the supervisor forwards its SIGHUP to one worker) coordinates, in two
-phases, over one connection per peer:
+Each worker listens on a Unix socket in the run directory (control/<pid>). The worker that gets a load,
+unload or reload (the repository API, `POST /admin/reload`, or SIGHUP, which the supervisor forwards to one
+worker) coordinates, in two phases, over one connection per peer:
 
-    coordinator -> peer   {"prepare": "<model dir>"}    the peer loads, verifies and warms the model up
-    peer -> coordinator   {"ok": true, "model": ...} or {"ok": false, "error": ...}
-    coordinator -> peer   {"commit": true|false}         serve it, or drop it when any worker failed
+    coordinator -> peer   {"prepare": {"action", "model", "model_dir"}}   the peer loads, verifies and warms
+                                                                           the model up (nothing to unload)
+    peer -> coordinator   {"ok": true} or {"ok": false, "error": ...}
+    coordinator -> peer   {"commit": true|false}         serve it (or unload), or drop it when any failed
     peer -> coordinator   {"ok": true}
 
-The new directory is recorded in the run directory before the commits, so a worker that dies and is
-replaced meanwhile starts on it. The run directory's lock keeps one reload at a time across processes,
-and keeps a starting worker from missing one.
+The models every worker serves are recorded in the run directory before the commits, so a worker that dies
+and is replaced meanwhile starts on them. The run directory's lock keeps one change at a time across
+processes, and keeps a starting worker from missing one.
 """
 
 from __future__ import annotations
@@ -24,13 +25,11 @@ import os
 from pathlib import Path
 from typing import IO, Any
 
-from fastapi import FastAPI
-
 from app.config import Settings
-from app.engine import Engine
+from app.control import Change, Changed, ModelControl, Prepared
 from app.errors import ReloadFailed, ReloadInProgress, ShapeChangeRefused
 from app.metrics import Metrics
-from app.reload import LOAD_ERRORS, ModelReloader, Reloaded, shown_directory
+from app.registry import ModelRegistry
 from app.server.rundir import RunDirectory
 
 logger = logging.getLogger(__name__)
@@ -65,10 +64,10 @@ class Peer:
         self.writer = writer
         self.timeout_seconds = timeout_seconds
 
-    async def prepare(self, model_dir: Path) -> str | None:
-        """The peer's reason it cannot serve `model_dir`, or None once it has loaded it."""
+    async def prepare(self, change: Change) -> str | None:
+        """The peer's reason it cannot make `change`, or None once it is ready to."""
         try:
-            await _send(self.writer, {"prepare": str(model_dir)})
+            await _send(self.writer, {"prepare": change_message(change)})
             answer = await _receive(self.reader, self.timeout_seconds)
         except TimeoutError:
             return f"no answer within {self.timeout_seconds:g} s"
@@ -79,7 +78,7 @@ class Peer:
         return None if answer["ok"] else str(answer["error"])
 
     async def finish(self, commit: bool) -> bool:
-        """Tell the peer to serve the prepared model (or drop it); True once it serves it."""
+        """Tell the peer to make the prepared change (or drop it); True once it has."""
         try:
             await _send(self.writer, {"commit": commit})
             answer = await _receive(self.reader, self.timeout_seconds) if commit else None
@@ -104,27 +103,52 @@ async def connect_peers(run: RunDirectory, timeout_seconds: float) -> list[Peer]
     return peers
 
 
-class GroupReloader(ModelReloader):
-    """The reloader of one worker in a group: coordinates reloads it is asked for, joins the others'."""
+def change_message(change: Change) -> dict[str, Any]:
+    return {
+        "action": change.action,
+        "model": change.model,
+        "model_dir": str(change.model_dir) if change.model_dir is not None else None,
+        "allow_shape_change": change.allow_shape_change,
+    }
+
+
+def change_from_message(message: dict[str, Any]) -> Change:
+    model_dir = message["model_dir"]
+    return Change(
+        message["action"],
+        message["model"],
+        Path(model_dir) if model_dir is not None else None,
+        bool(message["allow_shape_change"]),
+    )
+
+
+class GroupControl(ModelControl):
+    """The model control of one worker in a group: coordinates the changes it is asked for, joins the
+    others'."""
 
     def __init__(
-        self, app: FastAPI, settings: Settings, metrics: Metrics, run: RunDirectory, start_lock: IO[bytes]
+        self,
+        registry: ModelRegistry,
+        settings: Settings,
+        metrics: Metrics,
+        run: RunDirectory,
+        start_lock: IO[bytes],
     ) -> None:
-        super().__init__(app, settings, metrics)
+        super().__init__(registry, settings, metrics)
         self.run = run
-        self.served_dir = run.served_model_dir() or self.served_dir
         self._start_lock: IO[bytes] | None = start_lock
         self._control: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:
-        """Open this worker's control socket, then let reloads run: from now on they include it."""
+        """Open this worker's control socket, then let changes run: from now on they include it."""
         path = self.run.control_socket(os.getpid())
         self._control = await asyncio.start_unix_server(self._answer, path=str(path))
         if self._start_lock is not None:
             self._start_lock.close()
             self._start_lock = None
 
-    async def reload(self, model_dir: Path | None = None, allow_shape_change: bool = False) -> Reloaded:
+    async def apply(self, change: Change) -> Changed:
+        self.check(change)
         lock = self.run.try_lock_for_reload()
         if lock is None or self._lock.locked():
             if lock is not None:
@@ -132,55 +156,58 @@ class GroupReloader(ModelReloader):
             raise ReloadInProgress()
         try:
             async with self._lock:
-                target, shown = model_dir or self.served_dir, shown_directory(model_dir)
-                return await self._reload_everywhere(target, shown, allow_shape_change)
+                return await self._apply_everywhere(change)
         finally:
             lock.close()
 
-    async def _reload_everywhere(self, target: Path, shown: str, allow_shape_change: bool) -> Reloaded:
+    async def _apply_everywhere(self, change: Change) -> Changed:
         peers = await connect_peers(self.run, peer_timeout_seconds(self.settings))
-        local, *remote = await asyncio.gather(
-            self._prepare_here(target), *(peer.prepare(target) for peer in peers)
-        )
+        local, *remote = await asyncio.gather(self.prepare(change), *(peer.prepare(change) for peer in peers))
         outcomes = {os.getpid(): local, **dict(zip((peer.pid for peer in peers), remote, strict=True))}
         failures = [
-            f"worker {pid}: {str(outcome) or type(outcome).__name__}"
-            for pid, outcome in outcomes.items()
-            if outcome is not None and not isinstance(outcome, Engine)
+            f"worker {pid}: {outcome}" for pid, outcome in outcomes.items() if isinstance(outcome, str)
         ]
-        if failures or not isinstance(local, Engine):
+        if failures or not isinstance(local, Prepared):
             await asyncio.gather(*(peer.finish(commit=False) for peer in peers))
-            self.metrics.model_reloads.labels(result="failure").inc()
-            raise ReloadFailed(shown, "; ".join(failures).replace(str(target), shown))
+            if isinstance(local, Prepared):
+                self.discard(local)
+            self._count(change, "failure")
+            shown = self._shown(change)
+            raise ReloadFailed(shown, "; ".join(failures).replace(str(change.model_dir), shown))
         try:
-            self.refuse_shape_change(local, shown, allow_shape_change)
+            self.refuse_shape_change(local)
         except ShapeChangeRefused:
             await asyncio.gather(*(peer.finish(commit=False) for peer in peers))
             raise
-        # Every worker has the model: switch them all, even if this request is cancelled meanwhile.
-        return await asyncio.shield(self._switch_everywhere(local, target, peers))
+        # Every worker is ready: switch them all, even if this request is cancelled meanwhile.
+        return await asyncio.shield(self._commit_everywhere(local, peers))
 
-    async def _switch_everywhere(self, local: Engine, target: Path, peers: list[Peer]) -> Reloaded:
-        self.run.set_served_model_dir(target)
-        self.serve(local)
+    async def _commit_everywhere(self, local: Prepared, peers: list[Peer]) -> Changed:
+        change = local.change
+        served = self.run.served_models() or self.served_models()
+        if local.engine is not None:
+            served[change.model] = str(local.engine.model_dir)
+        else:
+            served.pop(change.model, None)
+        self.run.set_served_models(served)
+        await self.commit(local)
         switched = await asyncio.gather(*(peer.finish(commit=True) for peer in peers))
-        self.metrics.model_reloads.labels(result="success").inc()
+        self._count(change, "success")
         workers, workers_switched = 1 + len(peers), 1 + sum(switched)
         if workers_switched < workers:
             logger.error(
-                "reload: %d of %d workers switched to %s; the others exited meanwhile, and their "
-                "replacements start on it",
+                "%s of model %s: %d of %d workers switched; the others exited meanwhile, and their "
+                "replacements start on the new state",
+                change.action,
+                change.model,
                 workers_switched,
                 workers,
-                local.version_label,
             )
-        return Reloaded(local.version_label, target, workers=workers, workers_switched=workers_switched)
+        return self.changed(change, workers, workers_switched)
 
-    async def _prepare_here(self, target: Path) -> Engine | str:
-        try:
-            return await self.load(target)
-        except LOAD_ERRORS as error:
-            return str(error)
+    def served_models(self) -> dict[str, str]:
+        """The models this worker serves, by name, with the directory each is served from."""
+        return {model.name: str(model.served_dir) for model in self.registry if model.engine is not None}
 
     async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """One control connection: a coordinator's prepare and commit, or the supervisor's reload."""
@@ -192,16 +219,18 @@ class GroupReloader(ModelReloader):
             if "reload" in request:
                 await _send(writer, await self._reload_for_supervisor())
                 return
-            prepared = await self._prepare_here(Path(request["prepare"]))
-            if not isinstance(prepared, Engine):
+            prepared = await self.prepare(change_from_message(request["prepare"]))
+            if not isinstance(prepared, Prepared):
                 await _send(writer, {"ok": False, "error": prepared})
                 return
-            await _send(writer, {"ok": True, "model": prepared.version_label})
+            await _send(writer, {"ok": True})
             # The coordinator waits for the slowest worker's answer, each bounded alike.
             decision = await _receive(reader, 2 * timeout_seconds)
             if decision is not None and decision.get("commit"):
-                self.serve(prepared)
+                await self.commit(prepared)
                 await _send(writer, {"ok": True})
+            else:
+                self.discard(prepared)
         except (OSError, TimeoutError, ValueError, KeyError) as error:
             logger.warning("control connection dropped: %r", error)
         finally:
@@ -213,7 +242,12 @@ class GroupReloader(ModelReloader):
         except (ReloadInProgress, ReloadFailed, ShapeChangeRefused) as error:
             logger.error("SIGHUP reload: %s", error.detail)
             return {"ok": False, "error": error.detail}
-        return {"ok": True, "model": done.model, "workers": done.workers, "switched": done.workers_switched}
+        return {
+            "ok": True,
+            "model": done.version_label,
+            "workers": done.workers,
+            "switched": done.workers_switched,
+        }
 
     async def stop(self) -> None:
         if self._control is not None:

@@ -3,7 +3,7 @@
 metrics/          prometheus_client's multiprocess files (PROMETHEUS_MULTIPROC_DIR)
 control/<pid>     each live worker's control socket (group.py)
 reload.lock       held exclusively by a reload, shared by a worker while it starts
-model_dir         the model directory every worker serves, once a reload has changed it
+models.json       the models every worker serves and the directory of each, once a change was made
 exits             one line per worker process that died: "<pid> <exit code>"
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -48,18 +49,20 @@ class RunDirectory:
         """The control sockets of the workers that have started, by pid."""
         return {int(path.name): path for path in self.control_dir.iterdir() if path.name.isdigit()}
 
-    def served_model_dir(self) -> Path | None:
-        """The directory every worker serves since the last reload, or None before any."""
+    def served_models(self) -> dict[str, str] | None:
+        """The models every worker serves since the last load, unload or reload (name -> directory), or
+        None before any."""
         try:
-            return Path((self.root / "model_dir").read_text())
+            served = json.loads((self.root / "models.json").read_text())
         except FileNotFoundError:
             return None
+        return {str(name): str(model_dir) for name, model_dir in served.items()}
 
-    def set_served_model_dir(self, model_dir: Path) -> None:
-        """Record the directory a reload switches to, atomically, so a worker that starts later loads it."""
-        staged = self.root / "model_dir.new"
-        staged.write_text(str(model_dir))
-        staged.replace(self.root / "model_dir")
+    def set_served_models(self, served: dict[str, str]) -> None:
+        """Record the models a change settles on, atomically, so a worker that starts later loads them."""
+        staged = self.root / "models.json.new"
+        staged.write_text(json.dumps(served))
+        staged.replace(self.root / "models.json")
 
     def record_exit(self, pid: int, exit_code: int | None) -> None:
         with (self.root / "exits").open("a") as exits:

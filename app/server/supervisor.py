@@ -39,9 +39,11 @@ from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors.multiprocess import Multiprocess, Process
 
 from app.config import Settings
-from app.engine import Engine, StartupError
+from app.engine import StartupError
 from app.main import create_app
-from app.server.group import GroupReloader, ask_a_worker_to_reload
+from app.registry import load_start_models
+from app.repository import RepositoryError
+from app.server.group import GroupControl, ask_a_worker_to_reload
 from app.server.process import configure_logging, stop_with_parent, tune_interpreter
 from app.server.rundir import RunDirectory
 from model.manifest import ManifestError
@@ -56,7 +58,7 @@ HEALTHCHECK_TIMEOUT_SECONDS = 10
 
 @dataclass(frozen=True)
 class WorkerApp:
-    """The app factory each spawned worker calls: it loads the model the group serves and builds the app.
+    """The app factory each spawned worker calls: it loads the models the group serves and builds the app.
 
     Pickled into the worker by uvicorn, so it holds only settings and the run directory.
     """
@@ -69,17 +71,16 @@ class WorkerApp:
         stop_with_parent(self.supervisor_pid)
         configure_logging(self.settings)
         start_lock = self.run.lock_for_start()
-        model_dir = self.run.served_model_dir() or self.settings.model_dir
         try:
-            engine = Engine.load(self.settings.model_copy(update={"model_dir": model_dir}))
-        except (ManifestError, StartupError, OSError) as error:
+            started = load_start_models(self.settings, served=self.run.served_models())
+        except (ManifestError, StartupError, RepositoryError, OSError) as error:
             logger.error("worker %d cannot serve the model: %s", os.getpid(), error)
             sys.exit(STARTUP_FAILURE)  # the supervisor then stops the server: every start would fail alike
         app = create_app(
             self.settings,
-            engine,
             reload_on_sighup=True,
-            reloader=partial(GroupReloader, run=self.run, start_lock=start_lock),
+            control=partial(GroupControl, run=self.run, start_lock=start_lock),
+            started=started,
         )
         app.state.metrics.read_every_worker(self.run.metrics_dir, self.settings.workers, self.run.exit_count)
         tune_interpreter()

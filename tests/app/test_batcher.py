@@ -100,7 +100,7 @@ async def test_full_queue_rejects_at_once_and_counts_it() -> None:
         max_batch_size=2,
         max_wait_ms=0,
         max_queue_items=4,
-        metrics=metrics.for_part("encoder"),
+        metrics=metrics.for_part("m", "encoder"),
     )
     batcher.start()
     try:
@@ -118,7 +118,7 @@ async def test_full_queue_rejects_at_once_and_counts_it() -> None:
     finally:
         gate.set()
         await batcher.stop()
-    assert metrics.requests_rejected.labels(reason="queue_full")._value.get() == 1
+    assert metrics.requests_rejected.labels(model="m", reason="queue_full")._value.get() == 1
 
 
 @pytest.mark.asyncio
@@ -208,7 +208,7 @@ async def test_metrics_record_batches() -> None:
         max_batch_size=8,
         max_wait_ms=20,
         max_queue_items=8,
-        metrics=metrics.for_part("decoder"),
+        metrics=metrics.for_part("m", "decoder"),
     )
     batcher.start()
     try:
@@ -216,12 +216,15 @@ async def test_metrics_record_batches() -> None:
     finally:
         await batcher.stop()
     registry = metrics.registry
-    assert registry.get_sample_value("vae_batch_size_count", {"part": "decoder"}) == 1
-    assert registry.get_sample_value("vae_batch_size_sum", {"part": "decoder"}) == 3
-    assert registry.get_sample_value("vae_items_processed_total", {"part": "decoder"}) == 3
-    assert registry.get_sample_value("vae_queue_wait_seconds_count", {"part": "decoder"}) == 2
-    assert registry.get_sample_value("vae_inference_duration_seconds_count", {"part": "decoder"}) == 1
-    assert registry.get_sample_value("vae_queue_depth", {"part": "decoder"}) == 0
+    assert registry.get_sample_value("vae_batch_size_count", {"model": "m", "part": "decoder"}) == 1
+    assert registry.get_sample_value("vae_batch_size_sum", {"model": "m", "part": "decoder"}) == 3
+    assert registry.get_sample_value("vae_items_processed_total", {"model": "m", "part": "decoder"}) == 3
+    assert registry.get_sample_value("vae_queue_wait_seconds_count", {"model": "m", "part": "decoder"}) == 2
+    assert (
+        registry.get_sample_value("vae_inference_duration_seconds_count", {"model": "m", "part": "decoder"})
+        == 1
+    )
+    assert registry.get_sample_value("vae_queue_depth", {"model": "m", "part": "decoder"}) == 0
 
 
 @pytest.mark.asyncio

@@ -61,8 +61,16 @@ async def gated_app(
 
 
 def sample_value(app: FastAPI, name: str, labels: dict[str, str] | None = None) -> float:
-    value = app.state.metrics.registry.get_sample_value(name, labels or {})
-    return 0.0 if value is None else float(value)
+    """The sum of the samples called `name` whose labels include `labels` (over every model, say)."""
+    wanted = (labels or {}).items()
+    return float(
+        sum(
+            sample.value
+            for family in app.state.metrics.registry.collect()
+            for sample in family.samples
+            if sample.name == name and wanted <= sample.labels.items()
+        )
+    )
 
 
 def png(seed: int) -> bytes:
@@ -183,7 +191,8 @@ async def test_deadline_answers_504_and_drops_queued_work(
         first = await running
         gated.gate.set()
         # The decoder works again, and only ran what had started (asked directly: no HTTP deadline).
-        await app.state.engine.decode(np.zeros((1, app.state.engine.manifest.latent_dim), np.float32))
+        engine = app.state.models.default_engine()
+        await engine.decode(np.zeros((1, engine.manifest.latent_dim), np.float32))
         processed = sample_value(app, "vae_items_processed_total", {"part": "decoder"})
     for response in (first, queued):
         assert response.status_code == 504 and response.headers["content-type"] == "application/problem+json"

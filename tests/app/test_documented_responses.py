@@ -46,12 +46,32 @@ EXPECTED: dict[tuple[str, str], tuple[int, ...]] = {
     ("POST", "/v2/models/{model_name}/infer"): (400, 404, 413, 503, 504),
     ("POST", "/v2/models/{model_name}/versions/{model_version}/infer"): (400, 404, 413, 503, 504),
     ("POST", "/v2/repository/index"): (413, 503),
+    ("POST", "/v2/repository/models/{model_name}/load"): (403,),
+    ("POST", "/v2/repository/models/{model_name}/unload"): (403,),
     ("POST", "/admin/reload"): (403,),
+    ("GET", "/models"): (503,),
+}
+# Every model route once more under /models/{model_name}, where an unknown name adds 404.
+MODEL_ROUTES = ("/encode", "/decode", "/sample", "/reconstruct", "/interpolate", "/traverse", "/edit")
+MODEL_ROUTES += ("/latent-map", "/score")
+EXPECTED.update(
+    {
+        (method, "/models/{model_name}" + route): tuple(sorted({*statuses, 404}))
+        for (method, route), statuses in list(EXPECTED.items())
+        if route in MODEL_ROUTES
+    }
+)
+EXPECTED["GET", "/models/{model_name}"] = (404, 503)
+ADMIN = {
+    "/admin/reload",
+    "/v2/repository/models/{model_name}/load",
+    "/v2/repository/models/{model_name}/unload",
 }
 # What a route needs in its query string before it reads the body.
-VALID_QUERY = {"/edit": "?to_label=1"}
+VALID_QUERY = {"/edit": "?to_label=1", "/models/{model_name}/edit": "?to_label=1"}
 OPS = {"/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready", "/v2"}
-ADMIN_WITH_KEY = (401, 409, 413, 415, 422, 504)
+ADMIN_WITH_KEY = (401, 404, 409, 413, 415, 422, 504)
+REPOSITORY_CONTROL_WITH_KEY = (400, 401, 404, 409, 413, 503, 504)
 
 
 def documented(client: TestClient) -> dict[tuple[str, str], tuple[int, ...]]:
@@ -71,6 +91,8 @@ def expected_with_key(protect_ops: bool) -> dict[tuple[str, str], tuple[int, ...
         needs_key = path not in OPS or protect_ops
         expected[method, path] = tuple(sorted({*statuses, 401} if needs_key else set(statuses)))
     expected["POST", "/admin/reload"] = ADMIN_WITH_KEY
+    for action in ("load", "unload"):
+        expected["POST", f"/v2/repository/models/{{model_name}}/{action}"] = REPOSITORY_CONTROL_WITH_KEY
     return expected
 
 
@@ -98,7 +120,12 @@ def test_the_document_lists_exactly_these_statuses(clients: dict[str, TestClient
 
 
 def concrete(path: str) -> str:
-    return path.replace("/v2/models/{model_name}", MODEL).replace("{model_version}", "1")
+    return (
+        path.replace("/v2/models/{model_name}", MODEL)
+        .replace("{model_version}", "1")
+        .replace("/models/{model_name}", "/models/latent-test")
+        .replace("{model_name}", "latent-test")
+    )
 
 
 def call(client: TestClient, method: str, path: str, **options: Any) -> int:
@@ -124,6 +151,6 @@ def test_413_415_and_422_come_where_they_are_documented(clients: dict[str, TestC
             text = call(client, method, path + VALID_QUERY.get(path, ""), content=b"x", headers=plain)
             assert (text == 415) == (415 in statuses), (method, path, text)
         unknown_parameter = call(client, method, path + "?not_a_parameter=1", headers=key)
-        if path != "/admin/reload":  # no query parameters: its 422 is a bad body
+        if path not in ADMIN:  # no query parameters: the admin routes' 422 is a bad body
             assert (unknown_parameter == 422) == (422 in statuses), (method, path, unknown_parameter)
     assert call(client, "POST", "/admin/reload", json={"model_dir": 5}, headers=key) == 422

@@ -175,7 +175,7 @@ def test_unknown_paths_and_methods(client: TestClient) -> None:
 def test_unexpected_errors_are_500_problems_without_internals(
     client: TestClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    engine = client.app.state.engine  # type: ignore[attr-defined]
+    engine = client.app.state.models.default_engine()  # type: ignore[attr-defined]
 
     async def broken(latents: np.ndarray) -> np.ndarray:
         raise RuntimeError("secret internal state at /work/main/app/engine.py")

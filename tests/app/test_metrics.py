@@ -25,6 +25,9 @@ EXPECTED_FAMILIES = {
 }
 
 
+MODEL = "mnist-test"
+
+
 def scrape(client: TestClient) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     response = client.get("/metrics")
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
@@ -53,6 +56,7 @@ def test_metric_families_names_and_types(
     info = value(
         samples,
         "vae_model_info",
+        model="mnist-test",
         name="mnist-test",
         version="1",
         provider="CPUExecutionProvider",
@@ -60,9 +64,9 @@ def test_metric_families_names_and_types(
     )
     assert info == 1
     for part in ("encoder", "decoder"):
-        assert ("vae_queue_depth", (("part", part),)) in samples
+        assert ("vae_queue_depth", (("model", "mnist-test"), ("part", part))) in samples
     for reason in ("queue_full", "timeout"):
-        assert ("vae_requests_rejected_total", (("reason", reason),)) in samples
+        assert ("vae_requests_rejected_total", (("model", "mnist-test"), ("reason", reason))) in samples
     buckets = {dict(labels)["le"] for name, labels in samples if name == "vae_batch_size_bucket"}
     assert buckets == {"1.0", "2.0", "4.0", "8.0", "16.0", "32.0", "64.0", "128.0", "+Inf"}
 
@@ -79,19 +83,19 @@ def test_metrics_move_with_requests(mnist_model_dir: Path, make_settings: Callab
     def delta(name: str, **labels: str) -> float:
         return value(after, name, **labels) - value(before, name, **labels)
 
-    assert delta("vae_requests_total", endpoint="/sample", method="GET", status="200") == 1
-    assert delta("vae_requests_total", endpoint="/decode", method="POST", status="200") == 1
-    assert delta("vae_requests_total", endpoint="/decode", method="POST", status="422") == 1
-    assert delta("vae_requests_total", endpoint="other", method="GET", status="404") == 1
-    assert delta("vae_request_duration_seconds_count", endpoint="/decode") == 2
-    assert delta("vae_items_processed_total", part="decoder") == 4
-    assert delta("vae_batch_size_count", part="decoder") == 2
-    assert delta("vae_batch_size_sum", part="decoder") == 4
-    assert delta("vae_inference_duration_seconds_count", part="decoder") == 2
-    assert delta("vae_queue_wait_seconds_count", part="decoder") == 2
-    assert delta("vae_items_processed_total", part="encoder") == 0
+    assert delta("vae_requests_total", endpoint="/sample", method="GET", status="200", model=MODEL) == 1
+    assert delta("vae_requests_total", endpoint="/decode", method="POST", status="200", model=MODEL) == 1
+    assert delta("vae_requests_total", endpoint="/decode", method="POST", status="422", model=MODEL) == 1
+    assert delta("vae_requests_total", endpoint="other", method="GET", status="404", model="") == 1
+    assert delta("vae_request_duration_seconds_count", endpoint="/decode", model=MODEL) == 2
+    assert delta("vae_items_processed_total", model=MODEL, part="decoder") == 4
+    assert delta("vae_batch_size_count", model=MODEL, part="decoder") == 2
+    assert delta("vae_batch_size_sum", model=MODEL, part="decoder") == 4
+    assert delta("vae_inference_duration_seconds_count", model=MODEL, part="decoder") == 2
+    assert delta("vae_queue_wait_seconds_count", model=MODEL, part="decoder") == 2
+    assert delta("vae_items_processed_total", model=MODEL, part="encoder") == 0
     assert value(after, "vae_requests_in_flight") == 1  # the scrape itself
-    assert value(after, "vae_queue_depth", part="decoder") == 0
+    assert value(after, "vae_queue_depth", model=MODEL, part="decoder") == 0
 
 
 def test_each_app_has_its_own_registry(mnist_model_dir: Path, make_settings: Callable[..., Settings]) -> None:

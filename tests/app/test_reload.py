@@ -23,6 +23,8 @@ from tests.app.conftest import DirectModel
 KEY = "reload-key"
 ADMIN = {"X-API-Key": KEY}
 WAIT_SECONDS = 30  # upper bound for events that normally take milliseconds
+RELOAD_SUCCEEDED = 'vae_model_reloads_total{action="reload",model="mnist-test",result="success"} 1.0'
+RELOAD_FAILED = 'vae_model_reloads_total{action="reload",model="mnist-test",result="failure"} 1.0'
 
 
 def metric_lines(client: TestClient, name: str) -> list[str]:
@@ -87,6 +89,7 @@ def test_reload_swaps_models_while_a_request_is_in_flight(
     assert reloaded.status_code == 200, reloaded.text
     assert reloaded.json() == {
         "status": "reloaded",
+        "name": "mnist-test",
         "model": "mnist-test/2",
         "model_dir": str(mnist_model_v2_dir),
         "workers": 1,
@@ -110,9 +113,10 @@ def test_reload_swaps_models_while_a_request_is_in_flight(
         assert time.monotonic() < deadline, "the old engine was never stopped"
         time.sleep(0.01)  # poll interval
     assert metric_lines(client, "vae_model_info{") == [
-        'vae_model_info{latent_dim="16",name="mnist-test",provider="CPUExecutionProvider",version="2"} 1.0'
+        'vae_model_info{latent_dim="16",model="mnist-test",name="mnist-test",provider="CPUExecutionProvider",'
+        'version="2"} 1.0'
     ]
-    assert 'vae_model_reloads_total{result="success"} 1.0' in metric_lines(client, "vae_model_reloads_total")
+    assert RELOAD_SUCCEEDED in metric_lines(client, "vae_model_reloads_total")
 
 
 def test_corrupted_model_dir_is_refused_and_the_old_model_keeps_serving(
@@ -130,9 +134,7 @@ def test_corrupted_model_dir_is_refused_and_the_old_model_keeps_serving(
     assert problem["detail"].endswith("the previous model keeps serving")
     served = client_with_key.get("/sample?n=1&seed=0", headers=ADMIN)
     assert served.status_code == 200 and served.headers["x-model-version"] == "mnist-test/1"
-    assert 'vae_model_reloads_total{result="failure"} 1.0' in metric_lines(
-        client_with_key, "vae_model_reloads_total"
-    )
+    assert RELOAD_FAILED in metric_lines(client_with_key, "vae_model_reloads_total")
 
 
 def test_a_failed_reload_of_the_configured_dir_does_not_reveal_its_path(
@@ -210,9 +212,7 @@ def test_a_new_shape_is_refused_unless_allowed(v1_settings: Settings, rgb_model_
             headers=ADMIN,
         )
         assert allowed.status_code == 200 and allowed.json()["model"] == "rgb-test/1"
-        assert 'vae_model_reloads_total{result="failure"} 1.0' in metric_lines(
-            client, "vae_model_reloads_total"
-        )
+        assert RELOAD_FAILED in metric_lines(client, "vae_model_reloads_total")
 
 
 def test_a_reload_without_a_directory_reads_the_served_one_again(

@@ -15,7 +15,7 @@ from prometheus_client.metrics import MetricWrapperBase
 from pydantic.fields import FieldInfo
 
 from app.config import Settings
-from app.metrics import Metrics, ModelInfoCollector, WorkersCollector
+from app.metrics import Metrics, ModelsCollector, WorkersCollector
 
 SETTINGS_HEADER = ("Environment variable", "Default", "Description")
 METRICS_HEADER = ("Metric", "Type", "Labels", "Description")
@@ -56,7 +56,7 @@ def metric_rows() -> list[tuple[str, str, str, str]]:
         labels = ", ".join(wrapper._labelnames)  # prometheus_client keeps label names only here
         rows.append((name, family.type, labels, family.documentation))
     # Read at scrape time: the served model, and (with --workers N) the worker processes.
-    collected = [*ModelInfoCollector(lambda: None).describe(), *WorkersCollector(2, lambda: 0).collect()]
+    collected = [*ModelsCollector(list, dict).describe(), *WorkersCollector(2, lambda: 0).collect()]
     for family in collected:
         name = family.name + "_total" if family.type == "counter" else family.name
         labels = ", ".join(getattr(family, "_labelnames", ()))

@@ -130,13 +130,16 @@ def test_metrics_count_protocol_requests_by_route_template(
         assert client.get("/v2/no/such/path").status_code == 404
         metrics = client.get("/metrics").text
     for line in (
-        'vae_requests_total{endpoint="/v2/models/{model_name}/infer",method="POST",status="200"} 1.0',
-        'vae_requests_total{endpoint="/v2/models/{model_name}/infer",method="POST",status="404"} 1.0',
+        'vae_requests_total{endpoint="/v2/models/{model_name}/infer",method="POST",model="mnist-test",'
+        'status="200"} 1.0',
+        'vae_requests_total{endpoint="/v2/models/{model_name}/infer",method="POST",model="",'
+        'status="404"} 1.0',
         'vae_requests_total{endpoint="/v2/models/{model_name}/versions/{model_version}/infer",'
-        'method="POST",status="200"} 1.0',
-        'vae_requests_total{endpoint="/v2/models/{model_name}",method="GET",status="200"} 1.0',
-        'vae_requests_total{endpoint="other",method="GET",status="404"} 1.0',
-        'vae_items_processed_total{part="decoder"}',
+        'method="POST",model="mnist-test",status="200"} 1.0',
+        'vae_requests_total{endpoint="/v2/models/{model_name}",method="GET",model="mnist-test",'
+        'status="200"} 1.0',
+        'vae_requests_total{endpoint="other",method="GET",model="",status="404"} 1.0',
+        'vae_items_processed_total{model="mnist-test",part="decoder"}',
     ):
         assert line in metrics, line
 

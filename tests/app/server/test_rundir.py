@@ -22,11 +22,13 @@ def test_a_new_run_directory_is_empty_and_removed_after(tmp_path: Path) -> None:
     assert not root.exists()
 
 
-def test_the_served_directory_and_exits_are_recorded(tmp_path: Path) -> None:
+def test_the_served_models_and_exits_are_recorded(tmp_path: Path) -> None:
     run = RunDirectory.create(tmp_path / "run")
-    assert run.served_model_dir() is None
-    run.set_served_model_dir(Path("/models/v2"))
-    assert run.served_model_dir() == Path("/models/v2")
+    assert run.served_models() is None
+    run.set_served_models({"mnist-vae": "/models/v2", "mnist-ae": "/models/ae"})
+    assert run.served_models() == {"mnist-vae": "/models/v2", "mnist-ae": "/models/ae"}
+    run.set_served_models({})
+    assert run.served_models() == {}, "no models is a record too, unlike none"
     socket_path = run.control_socket(4242)
     socket_path.touch()
     assert run.workers() == {4242: socket_path}
