@@ -3,12 +3,18 @@
 Imports neither FastAPI nor onnxruntime: at run time it needs httpx, numpy and Pillow only (`pip install
 'vae-service[client]'` adds httpx, and tqdm for `vae-client`). Results are numpy arrays and PIL images;
 error answers become `ServiceError` subclasses carrying the problem's status, title and detail.
+
+A server may serve several models: `VaeClient(url, model="mnist-ae")` (or `client.for_model("mnist-ae")`)
+calls that one under /models/mnist-ae/..., without a model the server's default; `client.models()` lists
+them; a name the server does not serve raises `UnknownModel`.
 """
 
 from app.client.api import (
     AsyncVaeClient,
     Encoding,
     Frames,
+    LatentMap,
+    ModelSummary,
     Samples,
     Scores,
     VaeClient,
@@ -25,6 +31,7 @@ from app.client.errors import (
     ServiceError,
     ServiceUnavailable,
     Unauthorized,
+    UnknownModel,
     UnsupportedMediaType,
 )
 
@@ -37,6 +44,8 @@ __all__ = [
     "Forbidden",
     "Frames",
     "InvalidInput",
+    "LatentMap",
+    "ModelSummary",
     "NotFound",
     "PayloadTooLarge",
     "Samples",
@@ -44,6 +53,7 @@ __all__ = [
     "ServiceError",
     "ServiceUnavailable",
     "Unauthorized",
+    "UnknownModel",
     "UnsupportedMediaType",
     "VaeClient",
     "to_pil",

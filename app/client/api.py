@@ -2,10 +2,13 @@
 
 Each method builds a `Call` (the request, and how to read its answer) with a plain function below; the two
 clients differ only in how they send it. Images are (N, C, H, W) float32 in [0, 1]; latents (N, L) float32.
+A client made with `model="name"` sends every model call to `/models/name/...`; without one, to the
+unprefixed routes, which serve the server's default model. `models()` lists what the server serves.
 """
 
 from __future__ import annotations
 
+import copy
 import io
 import os
 from collections.abc import Callable, Sequence
@@ -13,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Generic, Literal, TypeVar
+from urllib.parse import quote
 
 import httpx
 import numpy as np
@@ -73,8 +77,38 @@ class Scores:
 
 
 @dataclass(frozen=True)
+class LatentMap:
+    """The test split's codes on a 2-D map: points (T, 2), labels (T,) indexing label_names (-1 without
+    labels), and the projection: point = components (2, L) @ (code - mean (L,))."""
+
+    points: np.ndarray
+    labels: np.ndarray
+    label_names: list[str]
+    mean: np.ndarray
+    components: np.ndarray
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    """One served model as GET /models lists it. `kind` is "vae", "ae" or "pca"; `state` is "ready",
+    "loading", "unloading" or "unavailable", with the `reason` when it is not ready; `memory_bytes` is None
+    where the server cannot tell."""
+
+    name: str
+    default: bool
+    version: str
+    kind: str
+    state: str
+    reason: str
+    latent_shape: tuple[int, ...]
+    image_shape: tuple[int, ...]
+    memory_bytes: int | None
+
+
+@dataclass(frozen=True)
 class Call(Generic[T]):
-    """One request and the function that reads its successful answer."""
+    """One request and the function that reads its successful answer. A `per_model` call is a model
+    endpoint: a client that names a model sends it under /models/{model} (see `model_path`)."""
 
     method: str
     path: str
@@ -84,6 +118,16 @@ class Call(Generic[T]):
     files: Files | None = None
     data: dict[str, str] | None = None  # text fields beside `files`
     accept: str = "application/json"
+    per_model: bool = False
+
+
+def model_path(model: str | None, path: str) -> str:
+    """Where a model endpoint's `path` ("/encode", ...) is for `model`: under /models/{model}, or as it is
+    (the server's default model) when `model` is None. GET /model becomes GET /models/{model}."""
+    if model is None:
+        return path
+    prefix = f"/models/{quote(model, safe='')}"
+    return prefix if path == "/model" else prefix + path
 
 
 def to_pil(image: np.ndarray) -> Image.Image:
@@ -199,25 +243,57 @@ def _scores(response: httpx.Response) -> Scores:
     return Scores(body["items"], body["k"], body["seed"], body["alpha"], body.get("note"))
 
 
+def _latent_map(response: httpx.Response) -> LatentMap:
+    body = response.json()
+    return LatentMap(
+        np.asarray(body["points"], np.float32).reshape(-1, 2),
+        np.asarray(body["labels"], np.int64),
+        body["label_names"],
+        np.asarray(body["mean"], np.float32),
+        np.asarray(body["components"], np.float32),
+    )
+
+
+def _model_summaries(response: httpx.Response) -> list[ModelSummary]:
+    return [
+        ModelSummary(
+            name=entry["name"],
+            default=entry["default"],
+            version=entry["version"],
+            kind=entry["kind"],
+            state=entry["state"],
+            reason=entry["reason"],
+            latent_shape=tuple(entry["latent_shape"]),
+            image_shape=tuple(entry["image_shape"]),
+            memory_bytes=entry["memory_bytes"],
+        )
+        for entry in response.json()["models"]
+    ]
+
+
+def models_call() -> Call[list[ModelSummary]]:
+    return Call("GET", "/models", _model_summaries)
+
+
 def model_call() -> Call[dict[str, Any]]:
-    return Call("GET", "/model", _json)
+    return Call("GET", "/model", _json, per_model=True)
 
 
 def encode_call(images: ImageLike | Sequence[ImageLike], sample: bool, seed: int | None) -> Call[Encoding]:
     params = _params(sample=sample or None, seed=seed)
-    return Call("POST", "/encode", _encoding, params, files=_uploads(images))
+    return Call("POST", "/encode", _encoding, params, files=_uploads(images), per_model=True)
 
 
 def decode_call(latents: np.ndarray | Sequence[Sequence[float]]) -> Call[np.ndarray]:
     rows = np.atleast_2d(np.asarray(latents, np.float64)).tolist()
-    return Call("POST", "/decode", _images, {"format": "array"}, json={"latents": rows})
+    return Call("POST", "/decode", _images, {"format": "array"}, json={"latents": rows}, per_model=True)
 
 
 def sample_call(
     n: int, seed: int | None, temperature: float, prior: str | None, label: str | None
 ) -> Call[Samples]:
     params = _params(n=n, seed=seed, temperature=temperature, prior=prior, label=label, format="array")
-    return Call("GET", "/sample", _samples, params)
+    return Call("GET", "/sample", _samples, params, per_model=True)
 
 
 def sample_grid_call(
@@ -229,14 +305,14 @@ def sample_grid_call(
     columns: int | None,
 ) -> Call[Image.Image]:
     params = _params(n=n, seed=seed, temperature=temperature, prior=prior, label=label, columns=columns)
-    return Call("GET", "/sample", _picture, params, accept="image/png")
+    return Call("GET", "/sample", _picture, params, accept="image/png", per_model=True)
 
 
 def reconstruct_call(
     images: ImageLike | Sequence[ImageLike], sample: bool, seed: int | None
 ) -> Call[np.ndarray]:
     params = _params(format="array", sample=sample or None, seed=seed)
-    return Call("POST", "/reconstruct", _images, params, files=_uploads(images))
+    return Call("POST", "/reconstruct", _images, params, files=_uploads(images), per_model=True)
 
 
 def interpolate_call(
@@ -245,21 +321,21 @@ def interpolate_call(
     params = {"format": "array"}
     if _is_latent(start) and _is_latent(end):
         body = {"start": _latent(start), "end": _latent(end), "steps": steps, "method": method}
-        return Call("POST", "/interpolate", _frames, params, json=body)
+        return Call("POST", "/interpolate", _frames, params, json=body, per_model=True)
     if _is_latent(start) or _is_latent(end):
         raise ValueError("interpolate takes two latent vectors or two images, not one of each")
     files = _uploads(start, "start") + _uploads(end, "end")  # type: ignore[arg-type]
-    return Call(
-        "POST", "/interpolate", _frames, params, files=files, data={"steps": str(steps), "method": method}
-    )
+    data = {"steps": str(steps), "method": method}
+    return Call("POST", "/interpolate", _frames, params, files=files, data=data, per_model=True)
 
 
 def _subject_call(path: str, subject: ImageLike | Sequence[float], params: dict[str, Any]) -> Call[Frames]:
     """A traversal or an edit of a latent vector (sent as JSON) or of an image (uploaded)."""
     params = {**params, "format": "array"}
     if _is_latent(subject):
-        return Call("POST", path, _frames, params, json={"latent": _latent(subject)})
-    return Call("POST", path, _frames, params, files=_uploads(subject, "file"))  # type: ignore[arg-type]
+        return Call("POST", path, _frames, params, json={"latent": _latent(subject)}, per_model=True)
+    files = _uploads(subject, "file")  # type: ignore[arg-type]
+    return Call("POST", path, _frames, params, files=files, per_model=True)
 
 
 def traverse_call(
@@ -282,7 +358,12 @@ def edit_call(
 def score_call(
     images: ImageLike | Sequence[ImageLike], k: int | None, seed: int | None, alpha: float | None
 ) -> Call[Scores]:
-    return Call("POST", "/score", _scores, _params(k=k, seed=seed, alpha=alpha), files=_uploads(images))
+    params = _params(k=k, seed=seed, alpha=alpha)
+    return Call("POST", "/score", _scores, params, files=_uploads(images), per_model=True)
+
+
+def latent_map_call() -> Call[LatentMap]:
+    return Call("GET", "/latent-map", _latent_map, per_model=True)
 
 
 def _http_options(api_key: str | None, timeout: float) -> dict[str, Any]:
@@ -301,10 +382,12 @@ def _request_options(call: Call[Any]) -> dict[str, Any]:
 
 
 class VaeClient:
-    """A blocking client. `api_key` is sent as `Authorization: Bearer`; `timeout` is per request, seconds.
+    """A blocking client. `api_key` is sent as `Authorization: Bearer`; `timeout` is per request, seconds;
+    `model` names the served model to call (None: the server's default model).
 
-    >>> with VaeClient("http://127.0.0.1:8000") as client:
+    >>> with VaeClient("http://127.0.0.1:8000", model="mnist-ae") as client:
     ...     grid = client.sample_grid(16, seed=0)
+    ...     pca_latents = client.for_model("mnist-pca").encode("digit.png").mean
     """
 
     def __init__(
@@ -314,8 +397,17 @@ class VaeClient:
         api_key: str | None = None,
         timeout: float = 30.0,
         transport: httpx.BaseTransport | None = None,
+        model: str | None = None,
     ) -> None:
         self._http = httpx.Client(base_url=base_url, transport=transport, **_http_options(api_key, timeout))
+        self.model_name = model
+
+    def for_model(self, model: str | None) -> VaeClient:
+        """A client for another model (None: the default one) on this client's connections; closing
+        either closes both."""
+        other = copy.copy(self)
+        other.model_name = model
+        return other
 
     def __enter__(self) -> VaeClient:
         return self
@@ -329,13 +421,20 @@ class VaeClient:
         self._http.close()
 
     def send(self, call: Call[T]) -> T:
-        """Send one call; raise its ServiceError for an error answer."""
-        response = self._http.request(call.method, call.path, **_request_options(call))
+        """Send one call (a model endpoint to this client's model); raise its ServiceError for an error
+        answer: UnknownModel when the server has no such model."""
+        path = model_path(self.model_name, call.path) if call.per_model else call.path
+        response = self._http.request(call.method, path, **_request_options(call))
         raise_for_problem(response)
         return call.parse(response)
 
+    def models(self) -> list[ModelSummary]:
+        """GET /models: every model the server serves, by name, with its state."""
+        return self.send(models_call())
+
     def model(self) -> dict[str, Any]:
-        """GET /model: the manifest, provider, batching, limits, latent space and scores."""
+        """GET /model (or /models/{model}): the manifest, provider, batching, limits, latent space and
+        scores."""
         return self.send(model_call())
 
     def encode(
@@ -415,9 +514,14 @@ class VaeClient:
     ) -> Scores:
         return self.send(score_call(images, k, seed, alpha))
 
+    def latent_map(self) -> LatentMap:
+        """GET /latent-map: the test split's codes on the model's 2-D map, and the projection that made it."""
+        return self.send(latent_map_call())
+
 
 class AsyncVaeClient:
-    """The same methods as VaeClient, as coroutines (`async with AsyncVaeClient(...) as client`)."""
+    """The same methods as VaeClient, as coroutines (`async with AsyncVaeClient(...) as client`); `model`
+    and `for_model` as there."""
 
     def __init__(
         self,
@@ -426,10 +530,17 @@ class AsyncVaeClient:
         api_key: str | None = None,
         timeout: float = 30.0,
         transport: httpx.AsyncBaseTransport | None = None,
+        model: str | None = None,
     ) -> None:
         self._http = httpx.AsyncClient(
             base_url=base_url, transport=transport, **_http_options(api_key, timeout)
         )
+        self.model_name = model
+
+    def for_model(self, model: str | None) -> AsyncVaeClient:
+        other = copy.copy(self)
+        other.model_name = model
+        return other
 
     async def __aenter__(self) -> AsyncVaeClient:
         return self
@@ -443,9 +554,13 @@ class AsyncVaeClient:
         await self._http.aclose()
 
     async def send(self, call: Call[T]) -> T:
-        response = await self._http.request(call.method, call.path, **_request_options(call))
+        path = model_path(self.model_name, call.path) if call.per_model else call.path
+        response = await self._http.request(call.method, path, **_request_options(call))
         raise_for_problem(response)
         return call.parse(response)
+
+    async def models(self) -> list[ModelSummary]:
+        return await self.send(models_call())
 
     async def model(self) -> dict[str, Any]:
         return await self.send(model_call())
@@ -526,3 +641,6 @@ class AsyncVaeClient:
         alpha: float | None = None,
     ) -> Scores:
         return await self.send(score_call(images, k, seed, alpha))
+
+    async def latent_map(self) -> LatentMap:
+        return await self.send(latent_map_call())

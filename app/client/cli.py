@@ -3,9 +3,12 @@
     vae-client sample -n 16 -o grid.png
     vae-client encode DIR -o latents.npy         # rows in sorted file-name order; --names names.txt
     vae-client score DIR --csv scores.csv
+    vae-client models                            # the served models, their kinds and states
+    vae-client --model mnist-ae encode DIR -o ae-latents.npy
 
-The service's address comes from --url or VAE_URL, the key from --api-key or VAE_API_KEY. Folders are sent
-in batches that fit the service's limits (read from GET /model), with a progress bar.
+The service's address comes from --url or VAE_URL, the key from --api-key or VAE_API_KEY, the model to call
+from --model or VAE_MODEL (unset: the server's default model). Folders are sent in batches that fit the
+model's limits (read from GET /model), with a progress bar.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import httpx
 import numpy as np
 from tqdm import tqdm
 
-from app.client.api import DEFAULT_URL, VaeClient
+from app.client.api import DEFAULT_URL, ModelSummary, VaeClient
 from app.client.errors import (
     InvalidInput,
     PayloadTooLarge,
@@ -41,7 +44,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--url", default=os.environ.get("VAE_URL", DEFAULT_URL), help="service address")
     parser.add_argument("--api-key", default=os.environ.get("VAE_API_KEY"), help="API key (env VAE_API_KEY)")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+    parser.add_argument(
+        "--model",
+        default=os.environ.get("VAE_MODEL"),
+        help="model to call (env VAE_MODEL; default: the server's)",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
+
+    commands.add_parser("models", help="list the served models: kind, state, shapes, memory")
 
     sample = commands.add_parser("sample", help="decode samples into one PNG grid")
     sample.add_argument("-n", type=int, default=16, help="number of images")
@@ -183,7 +193,31 @@ def score_command(client: VaeClient, args: argparse.Namespace) -> str:
     return f"wrote scores of {len(rows)} images to {args.csv}; {flagged} anomalous"
 
 
+def models_table(models: list[ModelSummary]) -> str:
+    """One aligned row per model; the default model's name is marked with `*`."""
+
+    def shape(dims: tuple[int, ...]) -> str:
+        return "x".join(str(size) for size in dims) or "-"
+
+    def cells(model: ModelSummary) -> tuple[str, ...]:
+        memory = "-" if model.memory_bytes is None else f"{model.memory_bytes / 2**20:.1f} MiB"
+        name = model.name + (" *" if model.default else "")
+        return (name, model.version, model.kind, model.state, shape(model.latent_shape),
+                shape(model.image_shape), memory, model.reason)  # fmt: skip
+
+    header = ("NAME", "VERSION", "KIND", "STATE", "LATENT", "IMAGE", "MEMORY", "REASON")
+    rows = [header, *(cells(model) for model in models)]
+    widths = [max(len(cell) for cell in column) for column in zip(*rows, strict=True)]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)) for row in rows]
+    return "\n".join([*(line.rstrip() for line in lines), "* the default model (the unprefixed routes)"])
+
+
+def models_command(client: VaeClient, args: argparse.Namespace) -> str:
+    return models_table(client.models())
+
+
 COMMANDS: dict[str, Callable[[VaeClient, argparse.Namespace], str]] = {
+    "models": models_command,
     "sample": sample_command,
     "encode": encode_command,
     "score": score_command,
@@ -193,7 +227,7 @@ COMMANDS: dict[str, Callable[[VaeClient, argparse.Namespace], str]] = {
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        with VaeClient(args.url, api_key=args.api_key, timeout=args.timeout) as client:
+        with VaeClient(args.url, api_key=args.api_key, timeout=args.timeout, model=args.model) as client:
             print(COMMANDS[args.command](client, args))
     except ServiceError as error:
         print(f"error: {error}", file=sys.stderr)

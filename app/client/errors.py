@@ -1,4 +1,5 @@
-"""The service's error answers as exceptions: one class per status, each with status, title and detail."""
+"""The service's error answers as exceptions: one class per status, each with status, title and detail, and
+`UnknownModel` (a NotFound) for a model the server does not serve."""
 
 from __future__ import annotations
 
@@ -46,6 +47,10 @@ class NotFound(ServiceError):
     status_code = 404
 
 
+class UnknownModel(NotFound):
+    """404 "Unknown model": the server serves no model of the name asked for; `detail` names those it does."""
+
+
 class Conflict(ServiceError):
     status_code = 409
 
@@ -65,7 +70,8 @@ class InvalidInput(ServiceError):
 
 
 class ServiceUnavailable(ServiceError):
-    """503: the model is loading or the queue is full; `retry_after` says when to try again."""
+    """503: the model is loading or not loaded ("Model not loaded"), or the queue is full; `retry_after`
+    says when to try again."""
 
     status_code = 503
 
@@ -108,4 +114,6 @@ def raise_for_problem(response: httpx.Response) -> None:
     retry_after = response.headers.get("retry-after")
     seconds = float(retry_after) if retry_after and retry_after.isdigit() else None
     cls = _BY_STATUS.get(response.status_code, ServiceError)
+    if cls is NotFound and title == "Unknown model":  # the one 404 told apart: by its problem title
+        cls = UnknownModel
     raise cls(response.status_code, title, detail or "(no detail)", type_, seconds)

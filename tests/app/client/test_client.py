@@ -1,5 +1,5 @@
-"""VaeClient and AsyncVaeClient against a real `vae-serve` on the shipped model: every method, the error
-types the service answers with, and `vae-client` on a small folder."""
+"""VaeClient and AsyncVaeClient against a real `vae-serve` on the shipped models: every method, a named model
+under /models/<name>, the error types the service answers with, and `vae-client` on a small folder."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import csv
 import io
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -23,16 +23,19 @@ from app.client import (
     DeadlineExceeded,
     Forbidden,
     InvalidInput,
+    ModelSummary,
     NotFound,
     PayloadTooLarge,
     ServiceError,
     ServiceUnavailable,
     Unauthorized,
+    UnknownModel,
     UnsupportedMediaType,
     VaeClient,
     to_pil,
 )
 from app.client.api import Call
+from app.client.cli import models_table
 from app.client.errors import raise_for_problem
 from tests.app.test_server import serving, vae_serve
 
@@ -40,6 +43,7 @@ pytestmark = pytest.mark.slow
 
 KEY = "client-key"
 MAX_BODY_BYTES = 100_000
+SHIPPED_MODELS = {"mnist-ae": "ae", "mnist-pca": "pca", "mnist-vae": "vae"}  # name -> kind
 
 
 @pytest.fixture(scope="module")
@@ -257,3 +261,178 @@ def test_arrays_are_taken_as_one_image_or_refused_with_the_shapes_allowed() -> N
     assert to_pil((np.stack([gray] * 3, axis=-1) * 255).astype(np.uint8)).mode == "RGB"  # (H, W, C)
     with pytest.raises(ValueError, match=r"got shape \(5, 28, 28\) \(a batch of images is \(N, C, H, W\)\)"):
         to_pil(np.zeros((5, 28, 28)))
+
+
+def test_models_lists_the_shipped_models(client: VaeClient) -> None:
+    models = client.models()
+    assert {model.name: model.kind for model in models} == SHIPPED_MODELS
+    assert [model.name for model in models] == sorted(SHIPPED_MODELS)
+    assert [model.name for model in models if model.default] == ["mnist-vae"]
+    for model in models:
+        assert (model.state, model.reason, model.version) == ("ready", "", "1.1.0")
+        assert (model.latent_shape, model.image_shape) == ((16,), (1, 28, 28))
+        assert model.memory_bytes is None or model.memory_bytes > 0
+        assert client.for_model(model.name).model()["model"] == f"{model.name}/1.1.0"
+
+
+class RecordingTransport(httpx.HTTPTransport):
+    """Records each request's path and the X-Model-Version of its answer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.exchanges: list[tuple[str, str | None]] = []
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        response = super().handle_request(request)
+        self.exchanges.append((request.url.path, response.headers.get("X-Model-Version")))
+        return response
+
+
+def test_a_named_model_answers_under_its_prefix(server: str) -> None:
+    images = digits(3)
+    transport = RecordingTransport()
+    with VaeClient(server, api_key=KEY, transport=transport, model="mnist-ae") as autoencoder:
+        assert autoencoder.model()["manifest"]["name"] == "mnist-ae"
+        latents = autoencoder.encode(images).mean
+        reconstructed = autoencoder.reconstruct(images)
+        np.testing.assert_allclose(reconstructed, autoencoder.decode(latents), atol=1e-6)
+        default_latents = autoencoder.for_model(None).encode(images).mean
+    assert transport.exchanges == [
+        ("/models/mnist-ae", "mnist-ae/1.1.0"),
+        ("/models/mnist-ae/encode", "mnist-ae/1.1.0"),
+        ("/models/mnist-ae/reconstruct", "mnist-ae/1.1.0"),
+        ("/models/mnist-ae/decode", "mnist-ae/1.1.0"),
+        ("/encode", "mnist-vae/1.1.0"),
+    ]
+    assert latents.shape == default_latents.shape == (3, 16)
+    assert not np.allclose(latents, default_latents, atol=1e-3)
+
+    async def encode_with_pca() -> np.ndarray:
+        async with AsyncVaeClient(server, api_key=KEY, model="mnist-pca") as pca:
+            return (await pca.encode(images)).mean
+
+    with VaeClient(server, api_key=KEY, model="mnist-pca") as pca:
+        np.testing.assert_allclose(asyncio.run(encode_with_pca()), pca.encode(images).mean, atol=1e-6)
+
+
+def test_an_unknown_model_raises_unknown_model(client: VaeClient) -> None:
+    stranger = client.for_model("no-such-model")
+    with pytest.raises(UnknownModel) as unknown:
+        stranger.encode(digits(1))
+    assert isinstance(unknown.value, NotFound)
+    assert (unknown.value.status, unknown.value.title) == (404, "Unknown model")
+    assert "'no-such-model'" in unknown.value.detail and "'mnist-ae'" in unknown.value.detail
+    with pytest.raises(UnknownModel):
+        stranger.model()
+    assert client.model()["model"] == "mnist-vae/1.1.0"  # the client it came from still calls the default
+
+
+def test_a_missing_model_and_a_model_not_loaded_are_told_apart() -> None:
+    def problem(status: int, title: str) -> httpx.Response:
+        return httpx.Response(status, json={"type": "urn:x", "title": title, "status": status, "detail": "d"})
+
+    with pytest.raises(UnknownModel):
+        raise_for_problem(problem(404, "Unknown model"))
+    with pytest.raises(NotFound) as other:
+        raise_for_problem(problem(404, "Not Found"))
+    assert type(other.value) is NotFound
+    with pytest.raises(ServiceUnavailable, match="503 Model not loaded: d"):
+        raise_for_problem(problem(503, "Model not loaded"))
+
+
+# Every model endpoint the client calls (GET /model aside), by route.
+MODEL_CALLS: list[tuple[str, Callable[[VaeClient], object]]] = [
+    ("/encode", lambda client: client.encode(digits(1))),
+    ("/decode", lambda client: client.decode([[0.0] * 16])),
+    ("/sample", lambda client: client.sample(1)),
+    ("/sample", lambda client: client.sample_grid(1)),
+    ("/reconstruct", lambda client: client.reconstruct(digits(1))),
+    ("/interpolate", lambda client: client.interpolate(digits(1)[0], digits(1)[0])),
+    ("/interpolate", lambda client: client.interpolate([0.0] * 16, [1.0] * 16)),
+    ("/traverse", lambda client: client.traverse([0.0] * 16)),
+    ("/edit", lambda client: client.edit(digits(1)[0], to_label="8")),
+    ("/score", lambda client: client.score(digits(1))),
+    ("/latent-map", lambda client: client.latent_map()),
+]
+
+
+@pytest.mark.parametrize(
+    ("model", "model_info", "prefix"),
+    [(None, "/model", ""), ("mnist-ae", "/models/mnist-ae", "/models/mnist-ae")],
+)
+def test_every_model_call_goes_to_the_model_named(model: str | None, model_info: str, prefix: str) -> None:
+    paths: list[str] = []
+
+    def refuse(request: httpx.Request) -> httpx.Response:
+        paths.append(request.url.path)
+        return httpx.Response(418, text="recorded")
+
+    with VaeClient(transport=httpx.MockTransport(refuse), model=model) as client:
+        for call in (VaeClient.model, *(call for _, call in MODEL_CALLS), VaeClient.models):
+            with pytest.raises(ServiceError, match="recorded"):
+                call(client)
+    assert paths == [model_info, *(prefix + route for route, _ in MODEL_CALLS), "/models"]
+
+    async def call_async() -> None:
+        async with AsyncVaeClient(transport=httpx.MockTransport(refuse)) as default:
+            for call in (AsyncVaeClient.model, AsyncVaeClient.latent_map, AsyncVaeClient.models):
+                with pytest.raises(ServiceError, match="recorded"):
+                    await call(default.for_model(model))
+
+    paths.clear()
+    asyncio.run(call_async())
+    assert paths == [model_info, prefix + "/latent-map", "/models"]
+
+
+def test_the_latent_map(client: VaeClient) -> None:
+    latent_map = client.for_model("mnist-ae").latent_map()
+    assert latent_map.points.shape == (len(latent_map.labels), 2) and latent_map.components.shape == (2, 16)
+    np.testing.assert_allclose(latent_map.components @ latent_map.components.T, np.eye(2), atol=1e-4)
+    assert set(latent_map.labels) <= set(range(len(latent_map.label_names)))
+
+
+def run_vae_client(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*vae_client(), *args], capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_vae_client_lists_the_models_and_calls_the_one_named(server: str, tmp_path: Path) -> None:
+    common = ["--url", server, "--api-key", KEY]
+    listing = run_vae_client(*common, "models")
+    assert listing.returncode == 0, listing.stderr
+    lines = listing.stdout.splitlines()
+    assert lines[0].split() == ["NAME", "VERSION", "KIND", "STATE", "LATENT", "IMAGE", "MEMORY", "REASON"]
+    assert [line.split()[:5] for line in lines[1:4]] == [
+        ["mnist-ae", "1.1.0", "ae", "ready", "16"],
+        ["mnist-pca", "1.1.0", "pca", "ready", "16"],
+        ["mnist-vae", "*", "1.1.0", "vae", "ready"],
+    ]
+    assert lines[3].split()[5] == "16" and lines[3].split()[6] == "1x28x28"
+
+    folder = tmp_path / "digits"
+    folder.mkdir()
+    for index, image in enumerate(digits(3)):
+        to_pil(image).save(folder / f"{index:02d}.png")
+    encoded = run_vae_client(
+        *common, "--model", "mnist-pca", "encode", str(folder), "-o", str(tmp_path / "pca.npy")
+    )
+    assert encoded.returncode == 0, encoded.stderr
+    with VaeClient(server, api_key=KEY, model="mnist-pca") as pca:
+        np.testing.assert_allclose(np.load(tmp_path / "pca.npy"), pca.encode(digits(3)).mean, atol=1e-6)
+
+    unknown = run_vae_client(*common, "--model", "no-such-model", "sample", "-o", str(tmp_path / "x.png"))
+    assert unknown.returncode == 1 and "404 Unknown model" in unknown.stderr
+
+
+def test_the_models_table_marks_the_default_and_what_is_unknown() -> None:
+    models = [
+        ModelSummary("a", True, "1.0.0", "vae", "ready", "", (16,), (1, 28, 28), 3 * 2**20),
+        ModelSummary(
+            "big-model", False, "2.0.0", "ae", "unavailable", "no encoder.onnx", (4, 8, 8), (3, 64, 64), None
+        ),
+    ]
+    assert models_table(models).splitlines() == [
+        "NAME       VERSION  KIND  STATE        LATENT  IMAGE    MEMORY   REASON",
+        "a *        1.0.0    vae   ready        16      1x28x28  3.0 MiB",
+        "big-model  2.0.0    ae    unavailable  4x8x8   3x64x64  -        no encoder.onnx",
+        "* the default model (the unprefixed routes)",
+    ]
