@@ -1,8 +1,11 @@
 // The latent-space explorer: draw or upload a digit, see its reconstruction, posterior and scores; move
-// its code with one slider per dimension; traverse, edit, sample, interpolate, and browse the test set's map.
+// its code with one slider per dimension; traverse, edit, sample, interpolate, and browse the test set's map;
+// pick the model all of that runs on, or compare one drawing across every model.
 import { ApiError, apiKey, call, canvasBlob, setApiKey } from "./api.js";
+import { compareModels } from "./compare.js";
+import { fillModelPicker, initialModel, listModels, modelPath } from "./models.js";
+import { $, clearImage, describeError, showBlob, upload, verdictParagraphs } from "./view.js";
 
-const $ = (id) => document.getElementById(id);
 const SLIDER_RANGE = 4; // sliders span -4..4 in latent units
 const DEBOUNCE_MS = 25;
 const LABEL_COLOURS = [
@@ -11,7 +14,10 @@ const LABEL_COLOURS = [
 ];
 
 const state = {
-  model: null, // GET /model
+  modelName: null, // the picked model; null: the default model of a service without GET /models
+  modelGeneration: 0, // bumped whenever the picked model changes: answers for an older one are dropped
+  model: null, // GET /models/{name} (or GET /model)
+  drawn: false, // whether the pad holds a drawing, analysed again when another model is picked
   code: null, // the current latent code, Array of latent_dim numbers
   ends: { start: null, end: null }, // interpolation ends, PNG Blobs
   map: null, // GET /latent-map
@@ -34,11 +40,29 @@ function nextToken(name) {
 
 const isLatest = (name, token) => state.tokens[name] === token;
 
+// An answer for a model that is no longer picked: dropped, not shown.
+class Superseded extends Error {}
+
+// One call to the picked model's routes; its answer (or error) is a Superseded once another model is picked.
+async function modelCall(route, options) {
+  const generation = state.modelGeneration;
+  let answer;
+  let failure = null;
+  try {
+    answer = await call(modelPath(state.modelName, route), options);
+  } catch (error) {
+    failure = error;
+  }
+  if (generation !== state.modelGeneration) throw new Superseded(route);
+  if (failure) throw failure;
+  return answer;
+}
+
 // --- errors and images ---------------------------------------------------------------------------
 
 function showError(error) {
   const box = $("error");
-  box.textContent = error instanceof ApiError ? `${error.title} (${error.status}): ${error.detail}` : String(error);
+  box.textContent = describeError(error);
   box.hidden = false;
 }
 
@@ -54,18 +78,9 @@ async function guarded(action) {
     clearError();
     return result;
   } catch (error) {
-    showError(error);
+    if (!(error instanceof Superseded)) showError(error);
     return undefined;
   }
-}
-
-function showBlob(img, blob) {
-  const previous = img.dataset.url;
-  const url = URL.createObjectURL(blob);
-  img.src = url;
-  img.dataset.url = url;
-  if (previous) URL.revokeObjectURL(previous);
-  return url;
 }
 
 // Latest-wins debouncing: only the last call in a burst runs, and only its answer is shown.
@@ -92,7 +107,7 @@ function fillSelect(select, values, first) {
 }
 
 async function loadModel() {
-  const model = await call("/model");
+  const model = await modelCall("/model");
   state.model = model;
   const manifest = model.manifest;
   const space = model.latent_space;
@@ -119,6 +134,7 @@ async function loadModel() {
 
 // Posterior samples per /score call: 16, or less where the service's limits allow less.
 function scoreSamples() {
+  if (!state.model) return 16; // a model is being picked: its limits are not known yet
   const { limits, batching } = state.model;
   const decodes = Math.min(limits.max_score_decodes, batching.max_queue_items);
   return Math.max(1, Math.min(16, limits.max_score_samples, decodes - 1));
@@ -162,7 +178,7 @@ function setSliders(code) {
 async function decodeCode(current) {
   const started = performance.now();
   const version = state.codeVersion;
-  const blob = await call("/decode", { method: "POST", json: { latents: [state.code] }, accept: "image/png" });
+  const blob = await modelCall("/decode", { method: "POST", json: { latents: [state.code] }, accept: "image/png" });
   if (!current() || version !== state.codeVersion) return; // the code moved on meanwhile
   const elapsed = performance.now() - started;
   showBlob($("decoded"), blob);
@@ -216,7 +232,10 @@ function setUpPad() {
   };
   pad.addEventListener("pointerup", finish);
   pad.addEventListener("pointercancel", finish);
-  $("clear").addEventListener("click", clear);
+  $("clear").addEventListener("click", () => {
+    clear();
+    state.drawn = false;
+  });
   const drawFile = async (file) => {
     const bitmap = await createImageBitmap(file);
     clear();
@@ -237,26 +256,22 @@ function setUpPad() {
   });
 }
 
-function upload(blob, field = "file") {
-  const form = new FormData();
-  form.append(field, blob, "drawing.png");
-  return form;
-}
-
 const analyseDrawing = debounced(async (current) => {
+  state.drawn = true;
   const drawing = await canvasBlob($("pad"));
   const version = state.codeVersion;
   // The score is asked for on its own: a model or limits that refuse it still show everything else.
-  const scored = call(`/score?k=${scoreSamples()}&seed=0`, { method: "POST", form: upload(drawing) });
+  const scored = modelCall(`/score?k=${scoreSamples()}&seed=0`, { method: "POST", form: upload(drawing) })
+    .then((scores) => ({ score: scores.items[0] }), (error) => ({ error })); // never an unhandled rejection
   const [encoded, reconstruction] = await Promise.all([
-    call("/encode", { method: "POST", form: upload(drawing) }),
-    call("/reconstruct", { method: "POST", form: upload(drawing), accept: "image/png" }),
+    modelCall("/encode", { method: "POST", form: upload(drawing) }),
+    modelCall("/reconstruct", { method: "POST", form: upload(drawing), accept: "image/png" }),
   ]);
   if (!current()) return;
   const item = encoded.items[0];
   showBlob($("reconstruction"), reconstruction);
   drawPosterior(item.mean, item.std);
-  scored.then((scores) => current() && showVerdict(scores.items[0]), (error) => current() && showVerdict(null, error));
+  scored.then(({ score, error }) => current() && !(error instanceof Superseded) && showVerdict(score, error));
   if (version === state.codeVersion) { // unless the user moved the code meanwhile, it becomes the drawing's
     setCode(item.mean.slice());
     setSliders(state.code);
@@ -293,24 +308,13 @@ function drawPosterior(mean, std) {
 
 function showVerdict(score, error) {
   const box = $("verdict");
-  box.replaceChildren();
-  const verdict = document.createElement("p");
   if (error) {
-    verdict.textContent = `no scores: ${error instanceof ApiError ? error.detail : error}`;
-    box.append(verdict);
-    return;
-  }
-  if (score.anomalous === null) {
-    verdict.textContent = "no reference scores: no verdict";
+    const problem = document.createElement("p");
+    problem.textContent = `no scores: ${error instanceof ApiError ? error.detail : error}`;
+    box.replaceChildren(problem);
   } else {
-    verdict.className = score.anomalous ? "anomalous" : "typical";
-    verdict.textContent = score.anomalous ? "Anomalous" : "Typical";
+    box.replaceChildren(...verdictParagraphs(score));
   }
-  const details = document.createElement("p");
-  const percentile = score.percentile === null ? "" : `, percentile ${score.percentile.toFixed(1)}`;
-  const pValue = score.p_value === null ? "" : `, p = ${score.p_value.toFixed(3)}`;
-  details.textContent = `-ELBO ${score.negative_elbo.toFixed(1)} nats${percentile}${pValue}`;
-  box.append(verdict, details);
 }
 
 // --- traversals and edits ------------------------------------------------------------------------
@@ -318,7 +322,7 @@ function showVerdict(score, error) {
 async function traverse() {
   const version = state.codeVersion;
   const token = nextToken("traversal");
-  const blob = await call("/traverse?steps=9", { method: "POST", json: { latent: state.code }, accept: "image/png" });
+  const blob = await modelCall("/traverse?steps=9", { method: "POST", json: { latent: state.code }, accept: "image/png" });
   if (version === state.codeVersion && isLatest("traversal", token)) showBlob($("traversal"), blob);
 }
 
@@ -328,7 +332,7 @@ const scheduleEdit = debounced(async (current, kind) => {
   if (!select.value) throw new Error(`choose ${kind === "attribute" ? "an attribute" : "a label"} first`);
   const parameter = kind === "attribute" ? "attribute" : "to_label";
   const query = `${parameter}=${encodeURIComponent(select.value)}&amounts=${amount}`;
-  const blob = await call(`/edit?${query}`, { method: "POST", json: { latent: state.code }, accept: "image/png" });
+  const blob = await modelCall(`/edit?${query}`, { method: "POST", json: { latent: state.code }, accept: "image/png" });
   if (current()) showBlob($("edited"), blob);
 });
 
@@ -340,7 +344,7 @@ async function sample() {
   if ($("label").value) query.set("label", $("label").value);
   else query.set("prior", $("prior").value);
   const token = nextToken("samples");
-  const blob = await call(`/sample?${query}`, { accept: "image/png" });
+  const blob = await modelCall(`/sample?${query}`, { accept: "image/png" });
   if (!isLatest("samples", token)) return;
   const link = $("download");
   link.href = showBlob($("samples"), blob);
@@ -363,7 +367,7 @@ async function interpolate() {
   form.append("steps", $("steps").value);
   form.append("method", $("method").value);
   const token = nextToken("strip");
-  const strip = await call(`/interpolate?columns=${$("steps").value}`, { method: "POST", form, accept: "image/png" });
+  const strip = await modelCall(`/interpolate?columns=${$("steps").value}`, { method: "POST", form, accept: "image/png" });
   if (isLatest("strip", token)) showBlob($("strip"), strip);
 }
 
@@ -433,7 +437,7 @@ function decodeMapPoint([x, y]) {
 
 async function loadMap() {
   try {
-    state.map = await call("/latent-map");
+    state.map = await modelCall("/latent-map");
   } catch (error) {
     if (error instanceof ApiError && error.status === 422) {
       $("legend").textContent = error.detail; // this model ships no map: say so in place
@@ -483,13 +487,57 @@ function setUpMap() {
   canvas.addEventListener("blur", drawMap);
 }
 
+// --- the model picker ----------------------------------------------------------------------------
+
+// Empty what the previous model drew, so that nothing on the page belongs to another model.
+function clearModelOutputs() {
+  for (const id of ["reconstruction", "decoded", "traversal", "edited", "samples", "strip"]) clearImage($(id));
+  $("download").hidden = true;
+  $("verdict").textContent = "Draw something to see its scores.";
+  $("posterior").replaceChildren();
+  state.map = null;
+  state.frame = null;
+  const map = $("map");
+  map.getContext("2d").clearRect(0, 0, map.width, map.height);
+  $("legend").replaceChildren();
+}
+
+// Run the page on one model: its limits, priors, labels and attributes, its code, map and samples, and
+// the drawing on the pad again.
+async function useModel(name) {
+  state.modelName = name;
+  state.modelGeneration += 1;
+  const generation = state.modelGeneration;
+  state.model = null;
+  clearModelOutputs();
+  await guarded(loadModel);
+  if (!state.model || generation !== state.modelGeneration) return; // the error is shown, or superseded
+  await Promise.all([guarded(loadMap), guarded(sample)]);
+  if (state.drawn && generation === state.modelGeneration) analyseDrawing();
+}
+
 // --- wiring --------------------------------------------------------------------------------------
 
 async function start() {
   state.model = null;
-  await guarded(loadModel);
-  if (!state.model) return; // the error is shown: a missing or wrong API key, say
-  await Promise.all([guarded(loadMap), guarded(sample)]);
+  const listing = await guarded(listModels); // null: a service without GET /models
+  if (listing === undefined) return; // the error is shown: a missing or wrong API key, say
+  $("model-picker").hidden = listing === null;
+  $("compare-section").hidden = listing === null;
+  let name = null;
+  if (listing !== null) {
+    name = initialModel(listing);
+    if (name === null) {
+      showError(new Error("no model is ready yet; GET /models says why, and reloading the page tries again"));
+      return;
+    }
+    fillModelPicker($("model"), listing, name);
+  }
+  await useModel(name);
+}
+
+function compareWith(image) {
+  return guarded(() => compareModels(image, scoreSamples()));
 }
 
 function init() {
@@ -534,6 +582,13 @@ function init() {
     });
   }
   $("interpolate").addEventListener("click", () => guarded(interpolate));
+  $("model").addEventListener("change", () => useModel($("model").value));
+  $("compare").addEventListener("click", async () => compareWith(await canvasBlob($("pad"))));
+  $("compare-upload").addEventListener("change", (event) => {
+    const file = event.target.files[0];
+    event.target.value = "";
+    if (file) compareWith(file);
+  });
   start();
 }
 

@@ -1,19 +1,20 @@
 """The explorer and the docs in real Chromium (Debian's, driven by Playwright) against a real `vae-serve`
-on the shipped model: drawing, sliders, traversals and edits, sampling, interpolation, the map, API-key
-errors and offline docs, with no console error and no request leaving 127.0.0.1. Screenshots go to
-test-artifacts/explorer/."""
+on the shipped models: drawing, sliders, traversals and edits, sampling, interpolation, the map, the model
+picker and the compare view, API-key errors and offline docs, with no console error and no request leaving
+127.0.0.1. Screenshots go to test-artifacts/explorer/."""
 
 from __future__ import annotations
 
+import re
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
-from playwright.sync_api import Browser, ConsoleMessage, Page, Request, sync_playwright
+from playwright.sync_api import Browser, ConsoleMessage, Page, Request, Response, sync_playwright
 
 from tests.app.test_server import serving
 from tests.components import apt_install, require_program
@@ -31,6 +32,11 @@ CHROMIUM_FLAGS = [
 ]
 ARTIFACTS = Path(__file__).resolve().parents[3] / "test-artifacts" / "explorer"
 KEY = "explorer-key"
+# What a plain `vae-serve` serves, in GET /models' order, and its default.
+SHIPPED_MODELS = ["mnist-ae", "mnist-pca", "mnist-vae"]
+DEFAULT_MODEL = "mnist-vae"
+# Chromium logs every 4xx or 5xx answer as a console error that starts so.
+FAILED_LOAD = "Failed to load resource"
 SLIDER_LATENCIES_MS: list[float] = []
 
 
@@ -62,9 +68,16 @@ class Watched:
     page: Page
     console_errors: list[str] = field(default_factory=list)
     hosts: set[str] = field(default_factory=set)
+    paths: list[str] = field(default_factory=list)  # every request's path and query, in order
+    refused: list[str] = field(default_factory=list)  # the paths the service answered with 4xx or 5xx
 
-    def check_clean(self) -> None:
-        assert self.console_errors == []
+    def check_clean(self, may_refuse: Callable[[str], bool] = lambda path: False) -> None:
+        """No console error and no other host; `may_refuse` names the paths whose refusals are expected
+        (shown on the page), and then the only console errors are Chromium's lines about those."""
+        assert all(may_refuse(path) for path in self.refused), self.refused
+        failed_loads = [message for message in self.console_errors if message.startswith(FAILED_LOAD)]
+        assert failed_loads == self.console_errors, self.console_errors
+        assert len(failed_loads) <= len(self.refused), (failed_loads, self.refused)
         assert self.hosts <= {"127.0.0.1"}, self.hosts
 
     def screenshot(self, name: str) -> None:
@@ -84,10 +97,17 @@ def open_page(browser: Browser, url: str, width: int = 1400, height: int = 1000)
         parsed = urlparse(request.url)
         if parsed.scheme in ("http", "https", "ws", "wss"):
             watched.hosts.add(parsed.hostname or "")
+            watched.paths.append(parsed.path + (f"?{parsed.query}" if parsed.query else ""))
+
+    def on_response(response: Response) -> None:
+        if response.status >= 400:
+            parsed = urlparse(response.url)
+            watched.refused.append(parsed.path + (f"?{parsed.query}" if parsed.query else ""))
 
     page.on("console", on_console)
     page.on("pageerror", lambda error: watched.console_errors.append(str(error)))
     page.on("request", on_request)
+    page.on("response", on_response)
     page.goto(url)
     return watched
 
@@ -233,6 +253,116 @@ def test_clicking_the_map_decodes_that_point(explorer: Watched) -> None:
     wait_for_new_src(page, "#decoded", before)
     explorer.screenshot("map")
     explorer.check_clean()
+
+
+def model_route(path: str, model: str) -> str | None:
+    """The route of a call to `model` ('/encode'; '' for its description), or None for any other path."""
+    prefix = f"/models/{model}"
+    if path.split("?")[0] == prefix:
+        return ""
+    return path.removeprefix(prefix).split("?")[0] if path.startswith(prefix + "/") else None
+
+
+def service_calls(paths: list[str]) -> list[str]:
+    """The calls the page made to the service: everything but the page and its assets."""
+    return [path for path in paths if not path.startswith("/explorer")]
+
+
+def test_the_picker_lists_the_shipped_models_and_starts_on_the_default(explorer: Watched) -> None:
+    page = explorer.page
+    picker = page.get_by_label("Model", exact=True)
+    assert picker.evaluate("select => [...select.options].map((option) => option.value)") == SHIPPED_MODELS
+    assert picker.evaluate("select => [...select.options].every((option) => !option.disabled)")
+    assert picker.input_value() == DEFAULT_MODEL
+    assert page.locator("#model-name").inner_text().startswith(f"{DEFAULT_MODEL} ")
+    # Every call but the listing went to the default model's routes.
+    calls = service_calls(explorer.paths)
+    assert calls[0] == "/models"
+    assert all(model_route(path, DEFAULT_MODEL) is not None for path in calls[1:]), calls
+    routes = {model_route(path, DEFAULT_MODEL) for path in calls[1:]}
+    assert routes >= {"", "/decode", "/latent-map", "/sample"}, calls
+    explorer.check_clean()
+
+
+def test_picking_a_model_sends_every_call_to_its_routes(explorer: Watched) -> None:
+    page = explorer.page
+    draw(page, ZERO)
+    wait_until(page, "document.querySelector('#traversal').src !== ''")  # the drawing's analysis is done
+    picked_at = len(explorer.paths)
+    page.select_option("#model", "mnist-ae")
+    # The drawing is analysed again, and the code, map and samples come again, all from the picked model.
+    wait_until(page, "document.querySelector('#model-name').textContent.startsWith('mnist-ae ')")
+    for image in ("#reconstruction", "#decoded", "#traversal", "#samples"):
+        wait_until(page, "(selector) => document.querySelector(selector).src !== ''", image)
+    wait_until(page, "document.querySelectorAll('#legend > span').length === 10")
+    wait_until(page, "document.querySelector('#verdict').textContent !== 'Draw something to see its scores.'")
+    calls = service_calls(explorer.paths[picked_at:])
+    routes = [model_route(path, "mnist-ae") for path in calls]
+    assert None not in routes, calls
+    assert set(routes) >= {"", "/encode", "/reconstruct", "/score", "/decode", "/traverse", "/sample"}, calls
+    assert "/latent-map" in routes, calls
+    # The autoencoder's score is its verdict, or the problem its /score answered.
+    verdict = page.locator("#verdict").inner_text()
+    assert verdict.split("\n")[0] in ("Typical", "Anomalous") or verdict.startswith("no scores: "), verdict
+    explorer.screenshot("picked-mnist-ae")
+    explorer.check_clean(may_refuse=lambda path: model_route(path, "mnist-ae") == "/score")
+
+
+def test_a_second_quick_pick_wins(explorer: Watched) -> None:
+    page = explorer.page
+    page.select_option("#model", "mnist-ae")
+    page.select_option("#model", "mnist-pca")  # before mnist-ae's answers come
+    wait_until(page, "document.querySelector('#samples').src !== ''")
+    wait_until(page, "document.querySelectorAll('#legend > span').length === 10")
+    assert page.locator("#model-name").inner_text().startswith("mnist-pca ")
+    assert page.locator("#error").is_hidden()
+    explorer.check_clean()
+
+
+def test_the_compare_view_sends_one_drawing_through_every_model(explorer: Watched) -> None:
+    page = explorer.page
+    draw(page, ZERO)
+    compared_at = len(explorer.paths)
+    page.click("#compare")
+    wait_until(page, "document.querySelectorAll('#compare-columns .model-column').length === 3")
+    wait_until(
+        page,
+        """[...document.querySelectorAll('#compare-columns .model-column')].every((column) =>
+             column.querySelector('img.reconstruction').src !== '' &&
+             column.querySelector('img.samples').src !== '' &&
+             column.querySelector('.verdict').dataset.outcome !== undefined)""",
+    )
+    columns = page.locator("#compare-columns .model-column").evaluate_all(
+        """(columns) => columns.map((column) => ({
+             model: column.dataset.model,
+             title: column.querySelector('h3').textContent,
+             outcome: column.querySelector('.verdict').dataset.outcome,
+             verdict: column.querySelector('.verdict').innerText,
+             samples: column.querySelector('img.samples').naturalWidth,
+           }))"""
+    )
+    # PCA, then the autoencoder, then the VAE, each column named by its model.
+    assert [column["model"] for column in columns] == ["mnist-pca", "mnist-ae", "mnist-vae"]
+    assert [column["title"] for column in columns] == ["mnist-pca", "mnist-ae", "mnist-vae"]
+    refusing = set()
+    for column in columns:
+        assert column["samples"] > 0
+        if column["outcome"] == "scored":
+            assert column["verdict"].split("\n")[0] in ("Typical", "Anomalous"), column
+            assert "p = " in column["verdict"], column
+        else:
+            assert column["outcome"] == "problem", column
+            assert re.search(r"\(4\d\d\): .+", column["verdict"]), column  # title (status): detail
+            refusing.add(column["model"])
+    calls = service_calls(explorer.paths[compared_at:])
+    for model in SHIPPED_MODELS:
+        assert f"/models/{model}/reconstruct" in calls, calls
+        assert any(model_route(path, model) == "/score" for path in calls), calls
+        assert f"/models/{model}/sample?n=4&seed=0" in calls, calls
+    explorer.screenshot("compare")
+    explorer.check_clean(
+        may_refuse=lambda path: any(model_route(path, model) == "/score" for model in refusing)
+    )
 
 
 def test_a_wrong_api_key_is_shown_and_the_right_one_works(browser: Browser, keyed_server: str) -> None:

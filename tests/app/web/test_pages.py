@@ -1,5 +1,5 @@
 """The explorer page, GET / and the docs through the ASGI app: served as package data, with no reference to
-any other host, and the latent map the explorer draws."""
+any other host and a name for every control, and the latent map the explorer draws."""
 
 from __future__ import annotations
 
@@ -34,6 +34,33 @@ def references(html: str) -> list[str]:
     return parser.urls
 
 
+class Controls(HTMLParser):
+    """The id of every form control in a page, and the ids that have a name for assistive technology: a
+    <label for>, a <label> around the control, or an aria-label."""
+
+    CONTROLS = ("input", "select", "textarea")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ids: list[str] = []
+        self.named: set[str] = set()
+        self.open_labels = 0
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        found = dict(attrs)
+        if tag == "label":
+            self.open_labels += 1
+            self.named.add(found.get("for") or "")
+        elif tag in self.CONTROLS:
+            self.ids.append(found.get("id") or "")
+            if self.open_labels or found.get("aria-label"):
+                self.named.add(found.get("id") or "")
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "label":
+            self.open_labels -= 1
+
+
 def test_the_root_redirects_to_the_explorer(client: TestClient) -> None:
     response = client.get("/", follow_redirects=False)
     assert response.status_code == 307 and response.headers["location"] == "/explorer"
@@ -54,6 +81,13 @@ def test_the_explorer_and_its_assets_come_from_the_service_only(client: TestClie
         assert not re.search(r"https?://", text), script.name
         for module in re.findall(r'from "(.+?)"', text):
             assert client.get(f"/explorer/assets/{module.removeprefix('./')}").status_code == 200
+
+
+def test_every_control_on_the_explorer_has_a_name(client: TestClient) -> None:
+    controls = Controls()
+    controls.feed(client.get("/explorer").text)
+    assert {"model", "compare-upload"} <= set(controls.ids)  # the model picker and the compare view's upload
+    assert [control for control in controls.ids if control not in controls.named] == []
 
 
 @pytest.mark.parametrize("path", ["/docs", "/redoc"])
