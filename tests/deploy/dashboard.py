@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -163,27 +164,60 @@ def prometheus_config_for_test(directory: Path, service_port: int) -> Path:
     return path
 
 
+def served_models(base_url: str) -> tuple[str, set[str]]:
+    """GET /models: the default model's name, and the names of the models serving now."""
+    with urllib.request.urlopen(f"{base_url}/models", timeout=5) as response:
+        listing = json.load(response)
+    ready = {model["name"] for model in listing["models"] if model["state"] == "ready"}
+    return str(listing["default_model"]), ready
+
+
+def variable_query(dashboard: dict[str, Any], name: str) -> str:
+    """A variable's `label_values(selector, label)` as the PromQL that lists the same values."""
+    (variable,) = [variable for variable in dashboard["templating"]["list"] if variable["name"] == name]
+    found = re.fullmatch(r"label_values\((.+), (\w+)\)", variable["definition"])
+    assert found is not None, variable["definition"]
+    selector, label = found.groups()
+    return f"group by ({label}) ({concrete(selector, dashboard)})"
+
+
 def assert_every_query_has_data(base_url: str, prometheus_url: str, poll: Callable[..., Any]) -> None:
-    """Send traffic to every endpoint, then wait until every dashboard query returns data from Prometheus."""
+    """Send traffic to every endpoint (and every model), then wait until every dashboard query returns data
+    from Prometheus and the Model variable lists every model the service serves."""
     dashboard = load_dashboard()
     with urllib.request.urlopen(f"{base_url}/model", timeout=5) as response:
         latent_dim = int(json.load(response)["manifest"]["latent_dim"])
+    default_model, models = served_models(base_url)
     statuses = send_traffic(base_url, latent_dim)
     assert statuses.pop("decode invalid") == 422
+    # One image to each other model too, so the panels' per-model series have more than one model.
+    for name in sorted(models - {default_model}):
+        statuses[f"encode {name}"] = request(
+            "POST", f"{base_url}/models/{name}/encode", png_bytes(28, 28), {"Content-Type": "image/png"}
+        )
     assert set(statuses.values()) == {200}, statuses
 
     pending = {expression: concrete(expression, dashboard) for expression in expressions(dashboard)}
+    listed: set[str] = set()
 
     def all_have_data() -> bool:
         for expression, promql in list(pending.items()):
             if prometheus_query(prometheus_url, promql):
                 del pending[expression]
-        return not pending
+        listed.clear()
+        listed.update(
+            series["metric"]["model"]
+            for series in prometheus_query(prometheus_url, variable_query(dashboard, "model"))
+        )
+        return not pending and listed == models
 
     try:
         poll(all_have_data, 45, "every dashboard query to return data", interval_seconds=1)
     except pytest.fail.Exception:
-        pytest.fail("dashboard queries without data:\n" + "\n".join(pending.values()))
+        pytest.fail(
+            f"the Model variable lists {sorted(listed)}, the service serves {sorted(models)}; "
+            "dashboard queries without data:\n" + "\n".join(pending.values())
+        )
     # The scrape target is the real service and it is up.
     (target,) = prometheus_query(prometheus_url, 'up{job="vae-service"}')
     assert target["value"][1] == "1"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import urllib.parse
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -25,13 +26,19 @@ DATASOURCES = REPO_ROOT / "docker" / "grafana" / "provisioning" / "datasources" 
 DASHBOARD_PROVIDERS = REPO_ROOT / "docker" / "grafana" / "provisioning" / "dashboards" / "vae-service.yml"
 COMPOSE = REPO_ROOT / "docker-compose.yml"
 METRIC_NAME = re.compile(r"\bvae_[a-z_]+\b")
+# A metric in a PromQL expression and its label matchers ("" when it has none).
+SELECTOR = re.compile(r"\b(vae_[a-z_]+)(\{[^}]*\})?")
 
 
-def exposed_names(readme_tables: ModuleType) -> set[str]:
-    """Every series name the service's metrics produce (histograms as _bucket, _sum and _count)."""
+def exposed_names(
+    readme_tables: ModuleType, labelled: Callable[[list[str]], bool] = lambda labels: True
+) -> set[str]:
+    """Every series name the service's metrics produce (histograms as _bucket, _sum and _count), or only
+    those of the metrics whose label names `labelled` accepts."""
     names: set[str] = set()
-    for name, kind, _, _ in readme_tables.metric_rows():
-        names |= {f"{name}_bucket", f"{name}_sum", f"{name}_count"} if kind == "histogram" else {name}
+    for name, kind, labels, _ in readme_tables.metric_rows():
+        if labelled(labels.split(", ")):
+            names |= {f"{name}_bucket", f"{name}_sum", f"{name}_count"} if kind == "histogram" else {name}
     return names
 
 
@@ -80,6 +87,7 @@ def test_dashboard_uses_only_and_all_service_metrics(
 def test_dashboard_shows_what_operators_need(dashboard_checks: ModuleType) -> None:
     titles = [panel["title"] for panel in dashboard_checks.query_panels(dashboard_checks.load_dashboard())]
     for wanted in (
+        "Request rate by model",
         "Request rate by endpoint",
         "Error rate by endpoint and status",
         "Latency p50 by endpoint",
@@ -92,11 +100,32 @@ def test_dashboard_shows_what_operators_need(dashboard_checks: ModuleType) -> No
         "Items per second",
         "Overload rejections",
         "Model info",
+        "Model memory",
+        "Model loads, unloads and reloads",
         "Scored images: negative ELBO",
         "Anomalous images",
         "Worker processes",
     ):
         assert wanted in titles
+
+
+def test_every_model_metric_follows_the_model_variable(
+    readme_tables: ModuleType, dashboard_checks: ModuleType
+) -> None:
+    """The Model variable lists the loaded models, and every query of a metric with a `model` label keeps
+    only the chosen ones; at All (`.*`) that includes the model="" series of routes that use no model."""
+    dashboard = dashboard_checks.load_dashboard()
+    (variable,) = [variable for variable in dashboard["templating"]["list"] if variable["name"] == "model"]
+    assert re.fullmatch(r"label_values\(vae_model_info(\{[^}]*\})?, model\)", variable["definition"])
+    assert variable["query"]["query"] == variable["definition"]
+    assert variable["multi"] and variable["includeAll"] and variable["allValue"] == ".*"
+    model_metrics = exposed_names(readme_tables, lambda labels: "model" in labels)
+    assert {"vae_requests_total", "vae_queue_depth", "vae_model_memory_bytes"} <= model_metrics
+    for panel in dashboard_checks.query_panels(dashboard):
+        for target in panel["targets"]:
+            for name, matchers in SELECTOR.findall(target["expr"]):
+                if name in model_metrics:
+                    assert 'model=~"$model"' in matchers, f"{panel['title']!r}: {name}{matchers}"
 
 
 def test_stack_files_agree_with_each_other() -> None:

@@ -32,6 +32,7 @@ import pytest
 import yaml
 
 from app.config import Settings
+from app.repository import SHIPPED_DEFAULT, SHIPPED_MODELS, scan_repository
 from tests.components import missing_component
 
 Objects = list[dict[str, Any]]  # one build's objects, as `kubectl kustomize` renders them
@@ -419,40 +420,76 @@ def test_the_network_policy_opens_only_the_service_port(name: str, rendered: Ren
     assert port["name"] == "http" and str(port["containerPort"]) == plain_env(server(pod)).get("VAE_PORT")
 
 
-def test_the_base_serves_the_shipped_model_from_a_read_only_copy(rendered: Rendered) -> None:
+@pytest.mark.parametrize("name", BUILDS)
+def test_the_pods_serve_a_model_repository(name: str, rendered: Rendered) -> None:
+    """The models volume is the repository (one folder per model); never VAE_MODEL_DIR beside it, which the
+    service refuses."""
+    container = server(pod_spec(rendered[name]))
+    environment = {**settings_of(rendered[name]), **plain_env(container)}
+    assert environment["VAE_MODEL_REPOSITORY"] == "/models"
+    assert {"name": "models", "mountPath": "/models", "readOnly": True} in container["volumeMounts"]
+    assert "VAE_MODEL_DIR" not in environment
+    assert "VAE_MODEL_CONTROL_MODE" not in environment  # "none": every model loads at start
+
+
+def test_the_base_serves_the_shipped_models_from_a_read_only_copy(rendered: Rendered) -> None:
     pod = pod_spec(rendered["base"])
     (copy_model,) = pod["initContainers"]
     assert copy_model["image"] == server(pod)["image"]
     assert copy_model["volumeMounts"] == [{"name": "models", "mountPath": "/models"}]
     assert {"name": "models", "emptyDir": {"sizeLimit": "64Mi"}} in pod["volumes"]
-    assert plain_env(server(pod))["VAE_MODEL_DIR"] == "/models/default"
+    assert plain_env(server(pod))["VAE_DEFAULT_MODEL"] == SHIPPED_DEFAULT == "mnist-vae"
 
 
-def test_the_model_volume_overlay_mounts_the_claim_read_only(rendered: Rendered) -> None:
+def test_the_model_volume_overlay_mounts_the_claim_read_only(rendered: Rendered, deploy: Any) -> None:
     pod = pod_spec(rendered["overlays/model-volume"])
     assert pod.get("initContainers", []) == []
     claim = {"name": "models", "persistentVolumeClaim": {"claimName": "vae-models", "readOnly": True}}
     assert claim in pod["volumes"]
-    assert {"name": "models", "mountPath": "/models", "readOnly": True} in server(pod)["volumeMounts"]
-    assert plain_env(server(pod))["VAE_MODEL_DIR"] == "/models/mnist"
+    # The default model is the folder docker/Dockerfile.train exports into, on the claim's repository.
+    (*_, training) = deploy.parse_dockerfile(REPO_ROOT / "docker" / "Dockerfile.train")
+    command = training.command()
+    export_dir = Path(command[command.index("--export-dir") + 1])
+    environment = plain_env(server(pod))
+    assert (environment["VAE_MODEL_REPOSITORY"], environment["VAE_DEFAULT_MODEL"]) == ("/models", "mnist")
+    assert export_dir == Path(environment["VAE_MODEL_REPOSITORY"]) / environment["VAE_DEFAULT_MODEL"]
 
 
-def test_the_init_container_copies_the_shipped_model(rendered: Rendered, tmp_path: Path) -> None:
-    copied = copy_shipped_model(pod_spec(rendered["base"]), tmp_path)
-    shipped = REPO_ROOT / "model" / "default"
-    assert sorted(path.name for path in copied.iterdir()) == sorted(path.name for path in shipped.iterdir())
-    for path in shipped.iterdir():
-        assert (copied / path.name).read_bytes() == path.read_bytes(), path.name
+def test_the_init_container_copies_the_shipped_models(rendered: Rendered, tmp_path: Path) -> None:
+    repository = copy_shipped_models(pod_spec(rendered["base"]), tmp_path / "models")
+    assert scan_repository(repository) == {name: repository / name for name in sorted(SHIPPED_MODELS)}
+    assert sorted(SHIPPED_MODELS) == ["mnist-ae", "mnist-pca", "mnist-vae"]
+    for name, shipped in SHIPPED_MODELS.items():
+        copied = repository / name
+        names = sorted(path.name for path in shipped.iterdir())
+        assert sorted(path.name for path in copied.iterdir()) == names, name
+        for path in shipped.iterdir():
+            assert (copied / path.name).read_bytes() == path.read_bytes(), f"{name}/{path.name}"
+    # The copy fits the emptyDir's sizeLimit (64Mi) with room for a model of the same size again.
+    copied_bytes = sum(path.stat().st_size for path in repository.rglob("*") if path.is_file())
+    assert 2 * copied_bytes < 64 * 2**20
 
 
-def copy_shipped_model(pod: dict[str, Any], models_dir: Path) -> Path:
-    """Run the init container's command here, with its /models moved to models_dir; the copy's path."""
+def test_the_image_holds_every_shipped_model() -> None:
+    """The init container copies the shipped models from the installed wheel: each of their files must be
+    package data (pyproject.toml), or the copy fails in the pod."""
+    package = REPO_ROOT / "model"
+    patterns = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    packaged = {path for pattern in patterns["model"] for path in package.glob(pattern)}
+    for name, shipped in SHIPPED_MODELS.items():
+        missing = sorted(path.name for path in shipped.iterdir() if path not in packaged)
+        assert missing == [], f"{name}: not in the wheel: {missing}"
+
+
+def copy_shipped_models(pod: dict[str, Any], repository: Path) -> Path:
+    """Run the init container's command here, with its /models moved to `repository`; returns it."""
     (copy_model,) = pod["initContainers"]
     executable, flag, code = copy_model["command"]
-    assert (executable, flag) == ("python", "-c") and "'/models/default'" in code
-    relocated = code.replace("'/models/default'", repr(str(models_dir / "default")))
-    subprocess.run([sys.executable, "-c", relocated], check=True, cwd=models_dir)
-    return models_dir / "default"
+    assert (executable, flag) == ("python", "-c") and code.count("'/models'") == 1
+    relocated = code.replace("'/models'", repr(str(repository)))
+    repository.mkdir()
+    subprocess.run([sys.executable, "-c", relocated], check=True, cwd=repository)
+    return repository
 
 
 # --- Images, GPU, KServe -----------------------------------------------------------------------------------
@@ -564,6 +601,8 @@ def test_the_autoscaler_scales_on_what_the_adapter_serves(rendered: Rendered, re
             "pod": {"resource": "pod"},
         }
         assert "by (<<.GroupBy>>)" in rule["metricsQuery"]
+        # Summed over every model (and part) of the pod: the HPA scales on the pod's whole load.
+        assert rule["metricsQuery"].startswith("sum(") and "model" not in rule["metricsQuery"]
     assert served == {
         "vae_queue_depth": ("vae_queue_depth", "gauge"),
         "vae_requests_per_second": ("vae_requests_total", "counter"),
@@ -586,18 +625,18 @@ def probe_endpoints_regex() -> str:
 def test_the_pod_answers_its_probes(
     name: str, rendered: Rendered, deploy: Any, processes: Any, tmp_path: Path
 ) -> None:
-    """The pod's command, settings and model copy, run here as processes: the server starts on them and
-    answers every probe and the scrape; only the key holders get the model."""
+    """The pod's command, settings and model copy, run here as processes: the server starts on them, loads
+    every shipped model and answers every probe and the scrape; only the key holders get the model."""
     pod = pod_spec(rendered[name])
     container = server(pod)
-    model_dir = copy_shipped_model(pod, tmp_path)
+    repository = copy_shipped_models(pod, tmp_path / "models")
     port = deploy.free_port()
     environment = deploy.service_environment(port)
     environment.update(settings_of(rendered[name]))
     environment.update(plain_env(container))
-    # Loopback and a free port in place of the pod's own address and port; the model copy at its new place.
+    # Loopback and a free port in place of the pod's own address and port; the models' copy at its new place.
     environment.update(
-        VAE_HOST="127.0.0.1", VAE_PORT=str(port), VAE_MODEL_DIR=str(model_dir), VAE_API_KEY="test-key"
+        VAE_HOST="127.0.0.1", VAE_PORT=str(port), VAE_MODEL_REPOSITORY=str(repository), VAE_API_KEY="test-key"
     )
     started = processes.start([deploy.installed_script("vae-serve")], environment, tmp_path, name="server")
     base_url = f"http://127.0.0.1:{port}"
@@ -613,6 +652,8 @@ def test_the_pod_answers_its_probes(
     answered = set(re.findall(r'^vae_requests_total\{[^}]*endpoint="([^"]+)"', scraped, re.MULTILINE))
     assert set(paths) <= answered
     assert "/model" in answered
+    served = set(re.findall(r'^vae_model_info\{[^}]*\bmodel="([^"]+)"', scraped, re.MULTILINE))
+    assert served == set(SHIPPED_MODELS)
     # The request-rate rule leaves out exactly the probes and the scrapes.
     left_out = {path for path in answered if re.fullmatch(probe_endpoints_regex(), path)}
     assert left_out == answered - {"/model"}
