@@ -18,7 +18,7 @@ from typing import Literal
 
 from app.config import Settings
 from app.engine import Engine, StartupError
-from app.errors import ReloadFailed, ReloadInProgress, ShapeChangeRefused, UnloadRefused
+from app.errors import LoadFailed, ReloadFailed, ReloadInProgress, ShapeChangeRefused, UnloadRefused
 from app.metrics import Metrics
 from app.registry import ModelRegistry, give_memory_back
 from model.manifest import ManifestError
@@ -121,7 +121,7 @@ class ModelControl:
         prepared = await self.prepare(change)
         if isinstance(prepared, str):
             self._count(change, "failure")
-            raise ReloadFailed(self._shown(change), prepared)
+            raise self.failure(change, prepared)
         self.refuse_shape_change(prepared)
         # Once prepared, the change happens even if the request that asked is cancelled meanwhile.
         return await asyncio.shield(self._commit_counted(prepared, workers=1))
@@ -146,6 +146,12 @@ class ModelControl:
         return await self.apply(
             Change("reload", name or self.registry.default_name, model_dir, allow_shape_change)
         )
+
+    def failure(self, change: Change, reason: str) -> ReloadFailed:
+        """The error for a load or reload that failed, with why, and what serves meanwhile."""
+        if change.action == "load":
+            return LoadFailed(change.model, reason, self.registry.get(change.model).engine is not None)
+        return ReloadFailed(shown_directory(change.model_dir), reason)
 
     def _shown(self, change: Change) -> str:
         return shown_directory(change.model_dir) if change.action == "reload" else f"model {change.model!r}"

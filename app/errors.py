@@ -160,6 +160,14 @@ class ReloadFailed(VaeError):
         super().__init__(f"cannot serve the model in {model_dir}: {reason}; the previous model keeps serving")
 
 
+class LoadFailed(ReloadFailed):
+    title, slug = "Model load failed", "load-failed"
+
+    def __init__(self, model: str, reason: str, serving: bool) -> None:
+        unchanged = "the served version keeps serving" if serving else "nothing changed"
+        VaeError.__init__(self, f"cannot load model {model!r}: {reason}; {unchanged}")
+
+
 class ShapeChangeRefused(VaeError):
     status, title, slug = 409, "Model shape changed", "shape-change-refused"
 

@@ -75,7 +75,7 @@ async def read_optional_json(request: Request, model: type[Model], example: str)
     if not body:
         return None
     require_json(media_type(request), example)
-    return _validate(model, _parse_json(body))
+    return _validate(model, _parse_json(body), query_options=False)
 
 
 async def read_form(request: Request, max_files: int) -> FormValues:
@@ -240,7 +240,19 @@ def _parse_json(body: bytes) -> Any:
 Model = TypeVar("Model", bound=BaseModel)
 
 
-def _validate(model: type[Model], payload: Any) -> Model:
+def _validate(model: type[Model], payload: Any, query_options: bool = True) -> Model:
+    """`payload` as `model`; a field the model does not take is refused with 422 naming those it takes
+    (pydantic would ignore it: `{"latent": ..., "to_label": 3}` then failed for a missing to_label), and
+    with `query_options`, saying the route's options go in the query string."""
+    if isinstance(payload, dict):
+        accepted = [field.alias or name for name, field in model.model_fields.items()]
+        unknown = sorted(str(key) for key in payload if key not in accepted)
+        if unknown:
+            names, plural = ", ".join(repr(key) for key in unknown), "s" if len(unknown) > 1 else ""
+            where = "; the route's options are query parameters" if query_options else ""
+            raise InvalidRequest(
+                f"unknown field{plural} {names} in the JSON body; it takes {', '.join(accepted)}{where}"
+            )
     try:
         return model.model_validate(payload)
     except ValidationError as error:

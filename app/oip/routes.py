@@ -17,7 +17,7 @@ from starlette.responses import JSONResponse, Response
 from app.auth import ADMIN_TAG, INFERENCE_PROTOCOL_TAG
 from app.control import ModelControl
 from app.engine import Engine
-from app.errors import BadRequest, NonFiniteValues, UnknownModel
+from app.errors import BadRequest, NonFiniteValues, ReloadFailed, UnknownModel
 from app.oip.codec import (
     BINARY_MEDIA_TYPE,
     HEADER_LENGTH_HEADER,
@@ -408,12 +408,21 @@ async def repository_index(request: Request) -> list[dict[str, str]]:
     return entries
 
 
-class RepositoryControlRequest(BaseModel):
-    """Triton's load and unload body; the service takes no parameters."""
+class RepositoryControlParameters(BaseModel):
+    """Triton's parameters that mean something here: `unload_dependents` (tritonclient sends it with every
+    unload; no model here has dependents). A model's configuration is its manifest, so `config` is refused."""
 
     model_config = ConfigDict(extra="forbid")
 
-    parameters: dict[str, Any] = Field(default_factory=dict, max_length=0)
+    unload_dependents: bool = False
+
+
+class RepositoryControlRequest(BaseModel):
+    """Triton's load and unload body."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    parameters: RepositoryControlParameters = Field(default_factory=RepositoryControlParameters)
 
 
 _CONTROL_DOCS: dict[str, Any] = {
@@ -437,13 +446,16 @@ _CONTROL_DOCS: dict[str, Any] = {
 
 async def _repository_control(request: Request, model_name: str) -> tuple[ModelControl, str]:
     """The model control and the repository model the path names (either part's name works too); the body
-    must be empty or `{}` (Triton's `parameters` are for its own backends)."""
+    is empty, or Triton's with no parameter but `unload_dependents`."""
     body = await request.body()
     if body.strip():
         try:
             RepositoryControlRequest.model_validate_json(body)
         except ValidationError:
-            raise BadRequest("load and unload take no parameters here: send an empty body or {}") from None
+            raise BadRequest(
+                "load and unload take no parameters but unload_dependents here (a model's configuration is "
+                "its manifest): send an empty body or {}"
+            ) from None
     registry = model_registry(request, READINESS_PATH)
     try:
         name = repository_model(registry, model_name).name
@@ -463,7 +475,10 @@ async def _repository_control(request: Request, model_name: str) -> tuple[ModelC
 )
 async def repository_load(request: Request, model_name: str) -> dict[str, Any]:
     control, name = await _repository_control(request, model_name)
-    await control.load(name)
+    try:
+        await control.load(name)
+    except ReloadFailed as error:  # the protocol's status for a model that cannot load (Triton's too)
+        raise BadRequest(error.detail) from None
     return {}
 
 

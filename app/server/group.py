@@ -173,7 +173,7 @@ class GroupControl(ModelControl):
                 self.discard(local)
             self._count(change, "failure")
             shown = self._shown(change)
-            raise ReloadFailed(shown, "; ".join(failures).replace(str(change.model_dir), shown))
+            raise self.failure(change, "; ".join(failures).replace(str(change.model_dir), shown))
         try:
             self.refuse_shape_change(local)
         except ShapeChangeRefused:

@@ -4,9 +4,10 @@
     python tests/deploy/readme_examples.py --write   # rewrites them in README.md, and changed docs/images/
 
 Both start `vae-serve` as `make run` does (default settings, a free port) and run the curl commands of
-README's API and Open Inference Protocol sections in order in an empty directory, so `digit.png` and
-`other.png` are the ones the first two commands make. tests/deploy/test_readme_examples.py checks README.md
-and docs/images/ against the same kind of server.
+README's API, Open Inference Protocol and Several models sections in order in an empty directory, so
+`digit.png` and `other.png` are the ones the first two commands make. Commands that send `$VAE_API_KEY` (the
+admin calls) are not run: the server has no key, so it refuses them. tests/deploy/test_readme_examples.py
+checks README.md and docs/images/ against the same kind of server.
 
 Which output shows which command's answer:
 - a `# ...` comment after a curl command, on its line: the answer's body, exactly (`# {"status":"ok"}`);
@@ -47,7 +48,8 @@ from PIL import Image
 REPO_ROOT = Path(__file__).resolve().parents[2]
 README = REPO_ROOT / "README.md"
 PICTURES_SCRIPT = REPO_ROOT / "docs" / "latent_space_pictures.py"
-SECTIONS = ("API", "Open Inference Protocol (KServe v2, Triton)")
+SECTIONS = ("API", "Open Inference Protocol (KServe v2, Triton)", "Several models")
+NEEDS_API_KEY = "$VAE_API_KEY"
 FLOAT_DIGITS = 2
 LIST_ITEMS = 3
 PNG_BASE64 = "iVBORw0KGgo"  # how every base64 PNG starts
@@ -73,8 +75,9 @@ def section(text: str, heading: str) -> str:
 
 
 def joined_commands(block: str) -> list[str]:
-    """The curl commands of a ```sh block, continuation lines joined."""
-    return [line for line in block.replace("\\\n", " ").splitlines() if line.startswith("curl ")]
+    """The curl commands of a ```sh block that run without the API key, continuation lines joined."""
+    lines = block.replace("\\\n", " ").splitlines()
+    return [line for line in lines if line.startswith("curl ") and NEEDS_API_KEY not in line]
 
 
 def curl_commands(text: str, heading: str = "API") -> list[str]:

@@ -108,9 +108,48 @@ def test_model_metadata_and_repository_index(client: triton.InferenceServerClien
     assert [output["name"] for output in decoder["outputs"]] == ["images", "logits"]
     index = client.get_model_repository_index(headers=auth())
     assert [(entry["name"], entry["version"], entry["state"]) for entry in index] == [
-        (ENCODER, VERSION, "READY"),
-        (DECODER, VERSION, "READY"),
+        (f"{name}-{part}", VERSION, "READY")
+        for name in ("mnist-ae", "mnist-pca", "mnist-vae")  # the shipped models, the VAE the default
+        for part in ("encoder", "decoder")
     ]
+
+
+def test_unload_and_load_a_model_as_tritons_users_do(client: triton.InferenceServerClient) -> None:
+    latents = np.zeros((1, MANIFEST.latent_dim), np.float32)
+    client.unload_model("mnist-ae", headers=auth())
+    assert not client.is_model_ready("mnist-ae-decoder", headers=auth())
+    states = {entry["name"]: entry for entry in client.get_model_repository_index(headers=auth())}
+    assert states["mnist-ae-decoder"]["state"] == "UNAVAILABLE" and states["mnist-ae-decoder"]["reason"] == (
+        "unloaded"
+    )
+    with pytest.raises(InferenceServerException) as refused:
+        client.infer("mnist-ae-decoder", [tensor("latents", latents)], headers=auth())
+    assert refused.value.status() == "503" and "POST /v2/repository/models/mnist-ae/load" in str(
+        refused.value
+    )
+    assert client.is_model_ready(DECODER, headers=auth()), "the other models keep serving"
+    client.load_model("mnist-ae-encoder", headers=auth())  # either part's name loads the model
+    assert client.is_model_ready("mnist-ae-decoder", headers=auth())
+    decoded = client.infer("mnist-ae-decoder", [tensor("latents", latents)], headers=auth())
+    assert decoded.as_numpy("images").shape == (1, *MANIFEST.image.shape)
+
+
+def test_repository_control_errors_as_tritons_users_see_them(client: triton.InferenceServerClient) -> None:
+    for call, name, status, words in (
+        (client.load_model, "no-such-model", "404", "this server serves 'mnist-ae', 'mnist-pca'"),
+        (client.unload_model, "no-such-model", "404", "this server serves"),
+        (client.unload_model, "mnist-vae", "409", "is the default model"),
+    ):
+        with pytest.raises(InferenceServerException) as refused:
+            call(name, headers=auth())
+        assert refused.value.status() == status and words in str(refused.value), refused.value
+    with pytest.raises(InferenceServerException) as without_key:
+        client.unload_model("mnist-pca")
+    assert without_key.value.status() == "401"
+    with pytest.raises(InferenceServerException) as configured:
+        client.load_model("mnist-pca", headers=auth(), config=json.dumps({"max_batch_size": 4}))
+    assert configured.value.status() == "400" and "configuration is its manifest" in str(configured.value)
+    assert client.is_model_ready("mnist-pca-encoder", headers=auth()), "a refused control changes nothing"
 
 
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
@@ -216,7 +255,8 @@ ERROR_CASES: list[tuple[str, dict[str, Any], str, str]] = [
         "unknown model",
         {"model_name": "mnist-gan"},
         "404",
-        f"there is no model 'mnist-gan'; this server serves '{ENCODER}', '{DECODER}'",
+        f"there is no model 'mnist-gan'; this server serves 'mnist-ae-encoder', 'mnist-ae-decoder', "
+        f"'mnist-pca-encoder', 'mnist-pca-decoder', '{ENCODER}', '{DECODER}'",
     ),
     ("unknown version", {"model_version": "9"}, "404", f"has no version '9'; it serves version '{VERSION}'"),
     ("no API key", {"headers": {}}, "401", "needs the API key"),
