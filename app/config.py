@@ -22,8 +22,9 @@ class Settings(BaseSettings):
         default=None,
         description=(
             "The service serves the model in this directory (encoder.onnx, decoder.onnx, manifest.json and, "
-            "when the manifest names them, latent_space.npz and score_reference.npz); "
-            "when it is unset, the shipped default model in model/default is served."
+            "when the manifest names them, latent_space.npz and score_reference.npz), as a repository of one "
+            "model named by its manifest; when neither this nor model_repository is set, the shipped models "
+            "are served."
         ),
     )
     model_repository: Path | None = Field(
@@ -63,9 +64,9 @@ class Settings(BaseSettings):
         default=1,
         ge=1,
         description=(
-            "The server runs this many worker processes on one port, each with its own model copy and "
-            "batchers (uvicorn's process supervisor); the CPU cores are shared among them, and /metrics on "
-            "any worker reports all of them."
+            "The server runs this many worker processes on one port, each with its own copy of the models "
+            "and batchers (uvicorn's process supervisor); the CPU cores are shared among them, and /metrics "
+            "on any worker reports all of them."
         ),
     )
     execution_provider: ExecutionProvider = Field(
@@ -234,8 +235,8 @@ class Settings(BaseSettings):
         default=None,
         description=(
             "When set, the model endpoints require this key as 'Authorization: Bearer <key>' or "
-            "'X-API-Key: <key>' (401 otherwise); the /admin endpoints always require it and are refused with "
-            "403 while it is unset."
+            "'X-API-Key: <key>' (401 otherwise); the /admin endpoints and the repository's load and unload "
+            "always require it and are refused with 403 while it is unset."
         ),
     )
     protect_ops_endpoints: bool = Field(

@@ -182,9 +182,16 @@ class ModelControl:
             engine, memory_bytes = await asyncio.to_thread(self.registry.load_engine, change.model, model_dir)
         except LOAD_ERRORS as error:
             logger.error("cannot load model %s from %s: %s", change.model, model_dir, error)
+            # The caller sees a path only if they named it: a repository folder is the model's name.
+            shown = (
+                str(change.model_dir)
+                if change.model_dir is not None
+                else (model.name if change.action == "load" else "the directory being served")
+            )
+            reason = str(error).replace(str(model_dir), shown)
             if not was_serving:
-                self.registry.mark(change.model, "unavailable", f"load failed: {error}")
-            return str(error).replace(str(model_dir), self._shown(change))
+                self.registry.mark(change.model, "unavailable", f"load failed: {reason}")
+            return reason
         return Prepared(change, engine, memory_bytes)
 
     def refuse_shape_change(self, prepared: Prepared) -> None:
@@ -213,7 +220,7 @@ class ModelControl:
         if prepared.engine is not None:
             previous = self.registry.serve(change.model, prepared.engine, prepared.memory_bytes)
             logger.info(
-                "%s: model %s now serves %s from %s (was %s)",
+                "%s: model %s is now serving %s from %s (was %s)",
                 change.action,
                 change.model,
                 prepared.engine.version_label,

@@ -67,7 +67,7 @@ class ServedModel:
     model_dir: Path  # the repository's folder for it; a reload may serve another directory (served_dir)
     served_dir: Path
     state: ModelState = "unavailable"
-    reason: str = "not loaded"
+    reason: str = "never loaded"
     engine: Engine | None = None
     memory_bytes: int | None = None
     _manifest_on_disk: Manifest | None = field(default=None, repr=False)
@@ -248,7 +248,7 @@ def load_start_models(
             if name == sources.default_name:
                 raise StartupError(f"the default model {name!r} cannot be served: {error}") from error
             logger.error("model %s cannot be served, the others will be: %s", name, error)
-            failures[name] = f"load failed: {error}"
+            failures[name] = f"load failed: {str(error).replace(str(model_dir), name)}"
             continue
         engines[name] = (engine, max(0, resident_bytes() - before))
     return StartModels(sources, engines, failures)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -97,6 +98,23 @@ def mnist_model_v2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def rgb_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 3x32x32, 8-latent untrained model directory."""
     return _export(tmp_path_factory.mktemp("rgb-model"), RGB, "rgb-test")
+
+
+@pytest.fixture(scope="session")
+def model_repository(
+    tmp_path_factory: pytest.TempPathFactory,
+    mnist_model_dir: Path,
+    mnist_model_v2_dir: Path,
+    rgb_model_dir: Path,
+) -> Path:
+    """Three models by folder name: alpha and beta (1x28x28, other weights), gamma (3x32x32); and a file
+    and a folder without a manifest, which are not models."""
+    root = tmp_path_factory.mktemp("repository")
+    for name, source in (("alpha", mnist_model_dir), ("beta", mnist_model_v2_dir), ("gamma", rgb_model_dir)):
+        shutil.copytree(source, root / name)
+    (root / "notes").mkdir()
+    (root / "README.txt").write_text("not a model")
+    return root
 
 
 def rewrite_latent_space(

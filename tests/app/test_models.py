@@ -27,23 +27,6 @@ ADMIN = {"X-API-Key": KEY}
 LATENT = [0.0] * 16
 
 
-@pytest.fixture(scope="module")
-def repository(
-    tmp_path_factory: pytest.TempPathFactory,
-    mnist_model_dir: Path,
-    mnist_model_v2_dir: Path,
-    rgb_model_dir: Path,
-) -> Path:
-    """Three models by folder name: alpha and beta (1x28x28, other weights), gamma (3x32x32); and a file
-    and a folder without a manifest, which are not models."""
-    root = tmp_path_factory.mktemp("repository")
-    for name, source in (("alpha", mnist_model_dir), ("beta", mnist_model_v2_dir), ("gamma", rgb_model_dir)):
-        shutil.copytree(source, root / name)
-    (root / "notes").mkdir()
-    (root / "README.txt").write_text("not a model")
-    return root
-
-
 def repository_settings(root: Path, **overrides: Any) -> Settings:
     values = {"model_repository": root, "api_key": KEY, **overrides}
     return settings_for(None, **values)  # type: ignore[arg-type]
@@ -55,8 +38,8 @@ def keyed(settings: Settings) -> TestClient:
 
 
 @pytest.fixture(scope="module")
-def client(repository: Path) -> Iterator[TestClient]:
-    with keyed(repository_settings(repository)) as client:
+def client(model_repository: Path) -> Iterator[TestClient]:
+    with keyed(repository_settings(model_repository)) as client:
         yield client
 
 
@@ -138,8 +121,8 @@ def test_a_json_field_the_route_does_not_take_is_refused_naming_those_it_takes(c
     )
 
 
-def test_unload_and_load_change_one_model_and_say_so_everywhere(repository: Path) -> None:
-    with keyed(repository_settings(repository)) as client:
+def test_unload_and_load_change_one_model_and_say_so_everywhere(model_repository: Path) -> None:
+    with keyed(repository_settings(model_repository)) as client:
         assert client.post("/v2/repository/models/beta/unload", headers=ADMIN).json() == {}
         beta = models_by_name(client)["beta"]
         assert (beta["state"], beta["reason"], beta["memory_bytes"]) == ("unavailable", "unloaded", None)
@@ -170,8 +153,8 @@ def test_unload_and_load_change_one_model_and_say_so_everywhere(repository: Path
         assert client.get("/models/beta/sample?n=1").headers["x-model-version"] == "mnist-test/2"
 
 
-def test_bad_model_control_is_a_4xx_that_changes_nothing(repository: Path, tmp_path: Path) -> None:
-    with keyed(repository_settings(repository)) as client:
+def test_bad_model_control_is_a_4xx_that_changes_nothing(model_repository: Path, tmp_path: Path) -> None:
+    with keyed(repository_settings(model_repository)) as client:
         before = models_by_name(client)
         default = client.post("/v2/repository/models/alpha/unload", headers=ADMIN)
         assert default.status_code == 409 and "is the default model" in default.json()["error"]
@@ -189,10 +172,10 @@ def test_bad_model_control_is_a_4xx_that_changes_nothing(repository: Path, tmp_p
 
 
 def test_a_broken_model_is_listed_with_its_reason_and_the_others_serve(
-    repository: Path, tmp_path: Path
+    model_repository: Path, tmp_path: Path
 ) -> None:
     root = tmp_path / "repository"
-    shutil.copytree(repository, root)
+    shutil.copytree(model_repository, root)
     (root / "beta" / "decoder.onnx").write_bytes(b"not a graph")
     with keyed(repository_settings(root)) as client:
         beta = models_by_name(client)["beta"]
@@ -215,17 +198,17 @@ def test_a_broken_model_is_listed_with_its_reason_and_the_others_serve(
 
 
 def test_explicit_control_loads_the_named_models_and_the_rest_on_request(
-    repository: Path, tmp_path: Path, mnist_model_dir: Path
+    model_repository: Path, tmp_path: Path, mnist_model_dir: Path
 ) -> None:
     root = tmp_path / "repository"
-    shutil.copytree(repository, root)
+    shutil.copytree(model_repository, root)
     settings = repository_settings(
         root, model_control_mode="explicit", default_model="beta", load_models=["gamma"]
     )
     with keyed(settings) as client:
         states = {name: model["state"] for name, model in models_by_name(client).items()}
         assert states == {"alpha": "unavailable", "beta": "ready", "gamma": "ready"}
-        assert models_by_name(client)["alpha"]["reason"] == "not loaded"
+        assert models_by_name(client)["alpha"]["reason"] == "never loaded"
         assert client.get("/model").json()["model"] == "mnist-test/2"
         assert client.get("/models/alpha/sample?n=1").status_code == 503
         assert client.post("/v2/repository/models/alpha/load", headers=ADMIN).status_code == 200
@@ -237,13 +220,13 @@ def test_explicit_control_loads_the_named_models_and_the_rest_on_request(
         assert client.get("/models/delta/sample?n=1").status_code == 200
 
 
-def test_settings_that_name_no_usable_models_stop_the_start(repository: Path, tmp_path: Path) -> None:
+def test_settings_that_name_no_usable_models_stop_the_start(model_repository: Path, tmp_path: Path) -> None:
     for settings, message in (
         (repository_settings(tmp_path), "has no models"),
         (repository_settings(tmp_path / "missing"), "does not exist"),
-        (repository_settings(repository, default_model="delta"), "default model 'delta' is not served"),
-        (repository_settings(repository, load_models=["delta"]), "load_models names 'delta'"),
-        (settings_for(repository, model_repository=repository), "not both"),
+        (repository_settings(model_repository, default_model="delta"), "default model 'delta' is not served"),
+        (repository_settings(model_repository, load_models=["delta"]), "load_models names 'delta'"),
+        (settings_for(model_repository, model_repository=model_repository), "not both"),
     ):
         with pytest.raises(RepositoryError, match=message), TestClient(create_app(settings)):
             pass
@@ -264,11 +247,16 @@ def test_reload_takes_the_models_name(client: TestClient, mnist_model_v2_dir: Pa
 
 
 @pytest.mark.asyncio
-async def test_one_models_full_queue_never_refuses_another(repository: Path) -> None:
+async def test_one_models_full_queue_never_refuses_another(model_repository: Path) -> None:
     """alpha's decoder is held while its queue fills; beta, sharing the process, keeps answering, and each
     model's metrics count only its own work."""
     settings = repository_settings(
-        repository, api_key=None, max_batch_size=64, max_queue_items=64, max_wait_ms=0, inference_threads=1
+        model_repository,
+        api_key=None,
+        max_batch_size=64,
+        max_queue_items=64,
+        max_wait_ms=0,
+        inference_threads=1,
     )
     app = create_app(settings)
     async with serve(app) as client:

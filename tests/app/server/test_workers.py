@@ -133,6 +133,7 @@ def test_a_reload_switches_every_worker_or_none(
         assert reloaded.status_code == 200, reloaded.text
         assert reloaded.json() == {
             "status": "reloaded",
+            "name": "mnist-test",
             "model": "mnist-test/2",
             "model_dir": str(mnist_model_v2_dir),
             "workers": 2,
@@ -163,8 +164,20 @@ def test_a_reload_switches_every_worker_or_none(
             os.kill(stopped, signal.SIGCONT)
         assert server.models_seen() == {"mnist-test/2"}
         assert server.log.read_text().count("now serving mnist-test/2") == WORKERS
-        assert metric(server.base_url, 'vae_model_reloads_total{result="failure"}') == 2
-        assert metric(server.base_url, 'vae_model_reloads_total{result="success"}') == 1
+        assert (
+            metric(
+                server.base_url,
+                'vae_model_reloads_total{action="reload",model="mnist-test",result="failure"}',
+            )
+            == 2
+        )
+        assert (
+            metric(
+                server.base_url,
+                'vae_model_reloads_total{action="reload",model="mnist-test",result="success"}',
+            )
+            == 1
+        )
 
         # SIGHUP to the supervisor reloads the directory being served (the last one loaded), everywhere.
         server.process.send_signal(signal.SIGHUP)
@@ -172,7 +185,13 @@ def test_a_reload_switches_every_worker_or_none(
             "reloaded on SIGHUP",
             lambda: "SIGHUP reload: mnist-test/2 on 2 of 2 workers" in server.log.read_text(),
         )
-        assert metric(server.base_url, 'vae_model_reloads_total{result="success"}') == 2
+        assert (
+            metric(
+                server.base_url,
+                'vae_model_reloads_total{action="reload",model="mnist-test",result="success"}',
+            )
+            == 2
+        )
         assert server.pids() == sorted([stopped, running]), "no worker was replaced"
 
 
@@ -243,3 +262,34 @@ def test_workers_stop_when_the_supervisor_is_killed(tmp_path: Path, mnist_model_
         with pytest.raises(httpx.TransportError):
             httpx.get(server.base_url + "/healthz", timeout=2)
         shutil.rmtree(server.run_dir)  # a killed supervisor cannot remove it
+
+
+def test_load_and_unload_switch_every_worker(tmp_path: Path, model_repository: Path) -> None:
+    with workers(tmp_path, "--model-repository", str(model_repository)) as server:
+        unloaded = httpx.post(server.base_url + "/v2/repository/models/beta/unload", headers=ADMIN)
+        assert unloaded.status_code == 200, unloaded.text
+        assert server.log.read_text().count("unload: model beta no longer serves") == WORKERS
+        statuses = asyncio.run(_concurrent_statuses(server.base_url, "/models/beta/sample?n=1", 16, 8))
+        assert statuses == [503] * 16, "no worker serves beta any more"
+        alpha = asyncio.run(_concurrent_statuses(server.base_url, "/models/alpha/sample?n=1", 16, 8))
+        assert alpha == [200] * 16
+        loaded = httpx.post(server.base_url + "/v2/repository/models/beta/load", headers=ADMIN)
+        assert loaded.status_code == 200, loaded.text
+        statuses = asyncio.run(_concurrent_statuses(server.base_url, "/models/beta/sample?n=1", 16, 8))
+        assert statuses == [200] * 16, "every worker serves beta again"
+        # A worker that starts now loads what the group serves: the recorded models.
+        assert (
+            metric(server.base_url, 'vae_model_reloads_total{action="load",model="beta",result="success"}')
+            == 1
+        )
+
+
+async def _concurrent_statuses(base_url: str, path: str, count: int, connections: int) -> list[int]:
+    """The statuses of `count` GETs of `path` over `connections` fresh connections at once."""
+
+    async def one_connection(share: int) -> list[int]:
+        async with httpx.AsyncClient(base_url=base_url, timeout=30, headers=ADMIN) as client:
+            return [(await client.get(path)).status_code for _ in range(share)]
+
+    shares = await asyncio.gather(*(one_connection(count // connections) for _ in range(connections)))
+    return [status for share in shares for status in share]
