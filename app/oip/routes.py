@@ -425,6 +425,11 @@ class RepositoryControlRequest(BaseModel):
     parameters: RepositoryControlParameters = Field(default_factory=RepositoryControlParameters)
 
 
+# The body's schema with the parameters inline (a schema's own `$defs` do not resolve in OpenAPI).
+_REPOSITORY_CONTROL_SCHEMA = RepositoryControlRequest.model_json_schema()
+_REPOSITORY_CONTROL_SCHEMA["properties"]["parameters"] = _REPOSITORY_CONTROL_SCHEMA.pop("$defs")[
+    RepositoryControlParameters.__name__
+]
 _CONTROL_DOCS: dict[str, Any] = {
     "tags": [INFERENCE_PROTOCOL_TAG, ADMIN_TAG],
     "responses": {
@@ -438,7 +443,7 @@ _CONTROL_DOCS: dict[str, Any] = {
     "openapi_extra": {
         "requestBody": {
             "required": False,
-            "content": {"application/json": {"schema": RepositoryControlRequest.model_json_schema()}},
+            "content": {"application/json": {"schema": _REPOSITORY_CONTROL_SCHEMA}},
         }
     },
 }

@@ -132,7 +132,7 @@ def test_latent_errors(client: TestClient) -> None:
         assert_problem(response, 422, "finite")
     assert_problem(client.post("/decode", json={"latents": [[3e38] * 16]}), 422, "too large")
     assert_problem(client.post("/decode", json={"latents": []}), 422, "latents")
-    assert_problem(client.post("/decode", json={"vectors": [[0.0] * 16]}), 422, "body.latents")
+    assert_problem(client.post("/decode", json={"vectors": [[0.0] * 16]}), 422, "unknown field 'vectors'")
     assert_problem(
         client.post("/decode", content=b"{not json", headers={"Content-Type": "application/json"}),
         422,

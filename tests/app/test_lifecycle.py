@@ -37,7 +37,10 @@ def test_sighup_reloads_the_model_directory(
             time.sleep(0.05)  # poll interval
         sample = httpx.get(base_url + "/sample?n=1&seed=0", timeout=10)
         assert sample.headers["x-model-version"] == "mnist-test/2"
-        assert metric(base_url, 'vae_model_reloads_total{result="success"}') == 1
+        assert (
+            metric(base_url, 'vae_model_reloads_total{action="reload",model="mnist-test",result="success"}')
+            == 1
+        )
     finally:
         stop_server(process, log)
 
@@ -58,7 +61,7 @@ def test_sigterm_finishes_requests_in_flight_and_exits_0(mnist_model_dir: Path, 
         async with httpx.AsyncClient(base_url=base_url, timeout=DEADLINE_SECONDS) as client:
             in_flight = [asyncio.ensure_future(client.get(f"/sample?n=1&seed={seed}")) for seed in range(3)]
             deadline = time.monotonic() + DEADLINE_SECONDS
-            while metric(base_url, 'vae_queue_depth{part="decoder"}') != 3:
+            while metric(base_url, 'vae_queue_depth{model="mnist-test",part="decoder"}') != 3:
                 assert time.monotonic() < deadline, "the requests never reached the batcher"
                 await asyncio.sleep(0.01)  # poll interval
             process.terminate()

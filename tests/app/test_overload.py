@@ -50,9 +50,11 @@ RSS_SAMPLE_INTERVAL_SECONDS = 0.2
 RSS_LIMIT_BYTES = 600 * 1024 * 1024
 DRAIN_DEADLINE_SECONDS = 15
 RECOVERED_FRACTION = 0.5
-QUEUE_DEPTH = 'vae_queue_depth{part="decoder"}'
-SAMPLE_DURATION_COUNT = 'vae_request_duration_seconds_count{endpoint="/sample"}'
-SAMPLE_UNDER_2_5_SECONDS = 'vae_request_duration_seconds_bucket{endpoint="/sample",le="2.5"}'
+QUEUE_DEPTH = 'vae_queue_depth{model="mnist-vae",part="decoder"}'
+SAMPLE_DURATION_COUNT = 'vae_request_duration_seconds_count{endpoint="/sample",model="mnist-vae"}'
+SAMPLE_UNDER_2_5_SECONDS = (
+    'vae_request_duration_seconds_bucket{endpoint="/sample",le="2.5",model="mnist-vae"}'
+)
 SERVER_FLAGS = ("--max-queue-items", "64", "--request-timeout-seconds", "2")
 
 

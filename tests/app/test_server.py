@@ -137,7 +137,8 @@ def test_every_endpoint_over_http(server: str) -> None:
         assert missing.status_code == 404 and missing.headers["content-type"] == "application/problem+json"
         assert client.get("/docs").status_code == 200
         assert (
-            'vae_requests_total{endpoint="/sample",method="GET",status="200"}' in client.get("/metrics").text
+            'vae_requests_total{endpoint="/sample",method="GET",model="mnist-test",status="200"}'
+            in client.get("/metrics").text
         )
 
 
@@ -146,7 +147,7 @@ def test_concurrent_requests_are_batched_over_http(server: str) -> None:
         line = next(
             line
             for line in metrics_text.splitlines()
-            if line.startswith('vae_batch_size_count{part="decoder"}')
+            if line.startswith('vae_batch_size_count{model="mnist-test",part="decoder"}')
         )
         return float(line.split()[-1])
 
@@ -305,7 +306,7 @@ def wait_for_metric(base_url: str, line_start: str, expected: float, timeout_sec
         time.sleep(0.01)  # poll interval
 
 
-QUEUE_DEPTH = 'vae_queue_depth{part="decoder"}'
+QUEUE_DEPTH = 'vae_queue_depth{model="mnist-test",part="decoder"}'
 
 
 def test_deadline_and_full_queue_over_http(slow_batching_server: str) -> None:
@@ -321,20 +322,34 @@ def test_deadline_and_full_queue_over_http(slow_batching_server: str) -> None:
     assert rejected.status_code == 503 and rejected.headers["retry-after"] == "1"
     assert timed_out.status_code == 504 and timed_out.headers["content-type"] == "application/problem+json"
     assert metric(slow_batching_server, QUEUE_DEPTH) == 0
-    assert metric(slow_batching_server, 'vae_requests_rejected_total{reason="queue_full"}') == 1
-    assert metric(slow_batching_server, 'vae_requests_rejected_total{reason="timeout"}') == 1
+    assert (
+        metric(slow_batching_server, 'vae_requests_rejected_total{model="mnist-test",reason="queue_full"}')
+        == 1
+    )
+    assert (
+        metric(slow_batching_server, 'vae_requests_rejected_total{model="mnist-test",reason="timeout"}') == 1
+    )
 
 
 def test_disconnected_client_leaves_no_work_behind(slow_batching_server: str) -> None:
     host, port = slow_batching_server.removeprefix("http://").split(":")
-    timeouts_before = metric(slow_batching_server, 'vae_requests_rejected_total{reason="timeout"}')
+    timeouts_before = metric(
+        slow_batching_server, 'vae_requests_rejected_total{model="mnist-test",reason="timeout"}'
+    )
     with socket.create_connection((host, int(port)), timeout=10) as connection:
         connection.sendall(b"GET /sample?n=3&seed=0 HTTP/1.1\r\nHost: test\r\n\r\n")
         wait_for_metric(slow_batching_server, QUEUE_DEPTH, 3)
     # Gone well before both the 2 s batch wait and the 1 s deadline: the items leave the queue unrun.
     wait_for_metric(slow_batching_server, QUEUE_DEPTH, 0, timeout_seconds=0.8)
     assert (
-        metric(slow_batching_server, 'vae_requests_total{endpoint="/sample",method="GET",status="499"}') == 1
+        metric(
+            slow_batching_server,
+            'vae_requests_total{endpoint="/sample",method="GET",model="mnist-test",status="499"}',
+        )
+        == 1
     )
-    assert metric(slow_batching_server, 'vae_requests_rejected_total{reason="timeout"}') == timeouts_before
-    assert metric(slow_batching_server, 'vae_items_processed_total{part="decoder"}') == 0
+    assert (
+        metric(slow_batching_server, 'vae_requests_rejected_total{model="mnist-test",reason="timeout"}')
+        == timeouts_before
+    )
+    assert metric(slow_batching_server, 'vae_items_processed_total{model="mnist-test",part="decoder"}') == 0

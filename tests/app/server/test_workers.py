@@ -107,19 +107,23 @@ def test_every_worker_serves_and_any_scrape_counts_them_all(tmp_path: Path, mnis
     with workers(tmp_path, "--model-dir", str(mnist_model_dir)) as server:
         statuses = asyncio.run(_concurrent_samples(server.base_url, count=64, connections=16))
         assert statuses == [200] * 64
-        sample = 'vae_requests_total{endpoint="/sample",method="GET",status="200"}'
+        sample = 'vae_requests_total{endpoint="/sample",method="GET",model="mnist-test",status="200"}'
         per_worker = [server.worker_metric(pid, sample) for pid in server.pids()]
         assert sum(per_worker) == 64 and all(count > 0 for count in per_worker), per_worker
-        decoder_batches = 'vae_batch_size_count{part="decoder"}'
+        decoder_batches = 'vae_batch_size_count{model="mnist-test",part="decoder"}'
         batches = sum(server.worker_metric(pid, decoder_batches) for pid in server.pids())
         for _ in range(8):  # fresh connections: several scrapes land on each worker, and all agree
             assert metric(server.base_url, sample) == 64
             assert metric(server.base_url, decoder_batches) == batches
             assert metric(server.base_url, "vae_workers ") == WORKERS
         text = httpx.get(server.base_url + "/metrics", timeout=10).text
-        labels = 'latent_dim="16",name="mnist-test",provider="CPUExecutionProvider",version="1"'
+        labels = (
+            'latent_dim="16",model="mnist-test",name="mnist-test",provider="CPUExecutionProvider",version="1"'
+        )
         assert re.findall(r"^vae_model_info\{.*", text, re.MULTILINE) == [f"vae_model_info{{{labels}}} 1.0"]
-        assert 'vae_queue_depth{part="decoder"} 0.0' in text  # summed over live workers, no pid label
+        assert (
+            'vae_queue_depth{model="mnist-test",part="decoder"} 0.0' in text
+        )  # summed over live workers, no pid label
         assert "Application startup complete" in server.log.read_text()
 
 
@@ -233,7 +237,7 @@ def test_sigterm_drains_every_worker_and_exits_0(tmp_path: Path, mnist_model_dir
                 asyncio.ensure_future(client.get(f"/sample?n=1&seed={seed}"))
                 for seed, client in enumerate(clients)
             ]
-            queued = 'vae_queue_depth{part="decoder"}'
+            queued = 'vae_queue_depth{model="mnist-test",part="decoder"}'
             deadline = time.monotonic() + DEADLINE_SECONDS
             while not all(server.worker_metric(pid, queued) > 0 for pid in server.pids()):
                 assert time.monotonic() < deadline, "the requests never reached both workers' batchers"
