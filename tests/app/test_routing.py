@@ -1,4 +1,5 @@
-"""QueryRoute reads query strings exactly as FastAPI's own route does: same values, same 422 problems."""
+"""QueryRoute reads query strings exactly as FastAPI's own route does: same values, same 422 problems;
+PrefixedRoutes matches exactly as Starlette's router does."""
 
 from __future__ import annotations
 
@@ -12,13 +13,16 @@ import pytest
 from fastapi import FastAPI, Query, Request
 from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from starlette.responses import Response
+from starlette.routing import Match
 
 from app.errors import install_error_handlers
-from app.routes import query_router
-from app.routing import QueryRoute
+from app.latent_routes import router as latent_router
+from app.routes import MODELS_PREFIX, model_routes, query_router
+from app.routing import PrefixedRoutes, QueryRoute
+from app.score_routes import router as score_router
 
 
 async def required_query(
@@ -121,3 +125,46 @@ def test_query_route_refuses_endpoints_it_cannot_serve(endpoint: Callable[..., A
     app = FastAPI()
     with pytest.raises(TypeError, match="QueryRoute"):
         app.router.add_api_route("/x", endpoint, methods=["POST"], route_class_override=QueryRoute)
+
+
+# PrefixedRoutes against Starlette's own matching: the prefixed model routes tried one by one in order.
+PREFIXED = model_routes(query_router, latent_router, score_router)
+SEGMENTS = st.sampled_from(["models", "mnist-vae", "a.b", "", "encode", "latent-map", "score", "x", "%2F"])
+
+
+def starlette_match(scope: dict[str, Any]) -> tuple[Match, APIRoute | None, dict[str, Any]]:
+    partial: tuple[Match, APIRoute | None, dict[str, Any]] | None = None
+    for route in PREFIXED:
+        match, child_scope = route.matches(scope)
+        if match == Match.FULL:
+            return match, route, child_scope.get("path_params", {})
+        if match == Match.PARTIAL and partial is None:
+            partial = match, route, child_scope.get("path_params", {})
+    return partial or (Match.NONE, None, {})
+
+
+@settings(max_examples=400, deadline=None)
+@example(segments=["models", "mnist-vae", "encode"], trailing_slash=False, method="POST")  # full match
+@example(segments=["models", "mnist-vae", "encode"], trailing_slash=False, method="GET")  # 405
+@example(segments=["models", "", "score"], trailing_slash=False, method="POST")  # an empty name
+@given(
+    segments=st.lists(SEGMENTS, min_size=0, max_size=4),
+    trailing_slash=st.booleans(),
+    method=st.sampled_from(["GET", "POST", "PUT"]),
+)
+def test_prefixed_routes_match_exactly_as_starlette_does(
+    segments: list[str], trailing_slash: bool, method: str
+) -> None:
+    path = "/" + "/".join(segments) + ("/" if trailing_slash else "")
+    scope = {"type": "http", "path": path, "method": method, "root_path": ""}
+    dispatcher = PrefixedRoutes(MODELS_PREFIX, PREFIXED)
+    match, child_scope = dispatcher.matches(scope)
+    expected = starlette_match(scope)
+    assert (match, child_scope.get("route"), child_scope.get("path_params", {})) == expected, path
+
+
+def test_prefixed_routes_refuse_what_they_cannot_dispatch() -> None:
+    with pytest.raises(ValueError, match="ends with one path parameter"):
+        PrefixedRoutes("/models", PREFIXED)
+    with pytest.raises(ValueError, match="is not under"):
+        PrefixedRoutes("/other/{name}", PREFIXED)
