@@ -8,8 +8,9 @@ Rows, each the median of interleaved repetitions (every cell once, then every ce
   checkout serving the same one directory (`one model`), and the shipped three models (`shipped`);
 - `/models/mnist-vae/encode` on the shipped server: the same model by name;
 - two models at once on the shipped server: half the connections on `/models/mnist-vae/encode`, half on
-  `/models/mnist-ae/encode`, each model's req/s and the sum, against `/encode` alone (the single-model
-  ceiling of the same server: both models are the same size, so the sum should match it).
+  `/models/mnist-ae/encode` (a load generator process each), each model's req/s and the sum, against
+  `/encode` alone (the single-model ceiling of the same server: both models are the same size);
+- the control for that row: the same two load generators, both on `/models/mnist-vae/encode`.
 """
 
 from __future__ import annotations
@@ -98,19 +99,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
             return measure
 
-        def pair(server: ServerProcess) -> dict[str, float]:
-            vae, ae = run_two(
+        def pair(server: ServerProcess, second: str) -> dict[str, float]:
+            vae, other = run_two(
                 load,
                 server.base_url,
-                (at_path(encode, "/models/mnist-vae/encode"), at_path(encode, "/models/mnist-ae/encode")),
+                (at_path(encode, "/models/mnist-vae/encode"), at_path(encode, f"/models/{second}/encode")),
                 args.concurrency,
                 args.duration,
             )
             return {
-                "mnist-vae req/s": vae.requests_per_second,
-                "mnist-ae req/s": ae.requests_per_second,
-                "req/s": vae.requests_per_second + ae.requests_per_second,
-                "errors": vae.error_count + ae.error_count,
+                "first req/s": vae.requests_per_second,
+                "second req/s": other.requests_per_second,
+                "req/s": vae.requests_per_second + other.requests_per_second,
+                "errors": vae.error_count + other.error_count,
             }
 
         for name, server in servers.items():
@@ -118,7 +119,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         shipped = servers["shipped"]
         by_name = at_path(encode, "/models/mnist-vae/encode")
         cells["/models/mnist-vae/encode, shipped"] = single(shipped, by_name)
-        cells["two models at once, shipped"] = lambda: pair(shipped)
+        cells["two models at once, shipped"] = lambda: pair(shipped, "mnist-ae")
+        # The control: the same two load generators on one model, so the row above shows what the second
+        # model costs, not what a second load generator process costs.
+        cells["one model, two load generators, shipped"] = lambda: pair(shipped, "mnist-vae")
         for server in servers.values():  # warm-up
             load().run(server.base_url, encode, args.concurrency, 1)
         runs: dict[str, list[dict[str, float]]] = {cell: [] for cell in cells}
@@ -140,16 +144,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print("|---|---|---|---|---|")
     for cell, row in medians.items():
         p99 = f"{row['p99 ms']:.1f}" if "p99 ms" in row else "-"
-        detail = (
-            f" (mnist-vae {row['mnist-vae req/s']:,.0f} + mnist-ae {row['mnist-ae req/s']:,.0f})"
-            if "mnist-vae req/s" in row
-            else ""
-        )
+        detail = f" ({row['first req/s']:,.0f} + {row['second req/s']:,.0f})" if "first req/s" in row else ""
         print(
             f"| {cell} | {row['req/s']:,.0f}{detail} | {row['req/s'] / reference:.3f} | {p99} | "
             f"{row['errors']:.0f} |"
         )
+    # Each pair's ratio per repetition (run back to back), then the median: drift between repetitions cancels.
+    pairs = [
+        ("/encode, one model", "/encode, before"),
+        ("/encode, shipped", "/encode, one model"),
+        ("/models/mnist-vae/encode, shipped", "/encode, shipped"),
+        ("two models at once, shipped", "one model, two load generators, shipped"),
+    ]
+    ratios = {
+        f"{cell} / {reference}": statistics.median(
+            run["req/s"] / base["req/s"] for run, base in zip(runs[cell], runs[reference], strict=True)
+        )
+        for cell, reference in pairs
+        if cell in runs and reference in runs
+    }
+    print("\n| paired ratio (median of the repetitions' ratios) | req/s ratio |\n|---|---|")
+    for pair_name, ratio in ratios.items():
+        print(f"| {pair_name} | {ratio:.3f} |")
     report = {
+        "ratios": ratios,
         "concurrency": args.concurrency,
         "duration_seconds": args.duration,
         "repetitions": args.repetitions,
