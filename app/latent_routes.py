@@ -21,9 +21,9 @@ from app.errors import InvalidRequest, LimitExceeded, NonFiniteValues
 from app.inputs import images_to_array, read_latent_or_image
 from app.latents import label_index, latents_array
 from app.responses import ArrayJSONResponse, image_response
-from app.routes import IMAGE_RESPONSES, FormatQuery, problems, serving, versioned
 from app.routing import QueryRoute
 from app.schemas import FramesResponse, LatentMapResponse, LatentRequest
+from app.serving import IMAGE_RESPONSES, FormatQuery, problems, serving, versioned
 from model.latent_space import LatentSpace, edit, traversal
 
 # Query parameters only (the body is read by the endpoint): see app/routing.py.

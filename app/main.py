@@ -25,24 +25,19 @@ from app.errors import install_error_handlers
 from app.latent_routes import router as latent_router
 from app.metrics import Metrics
 from app.middleware import LoadShedder, MetricsMiddleware, RequestGuardMiddleware, RequestRecorder
+from app.models_routes import router as models_router
 from app.oip.codec import HEADER_LENGTH_HEADER
 from app.oip.errors import ProtocolErrorMiddleware
 from app.oip.routes import document_protocol, infer_queue
 from app.oip.routes import router as protocol_router
+from app.ops_routes import router as ops_router
 from app.registry import ModelRegistry, StartModels, load_start_models
 from app.repository import model_sources
-from app.routes import (
-    MODEL_VERSION_HEADER,
-    MODELS_PREFIX,
-    document_model_name,
-    first_queue_of,
-    model_routes,
-    query_router,
-    router,
-)
+from app.routes import first_queue_of, query_router
 from app.routing import PrefixedRoutes
 from app.schemas import Problem
 from app.score_routes import router as score_router
+from app.serving import MODEL_VERSION_HEADER, MODELS_PREFIX, document_model_name, model_routes
 from app.web.routes import asset_mounts
 from app.web.routes import router as web_router
 
@@ -150,7 +145,16 @@ def create_app(
     app.state.metrics = metrics
     app.state.models = None
     install_error_handlers(app)
-    routers = (query_router, latent_router, score_router, router, protocol_router, admin_router, web_router)
+    routers = (
+        query_router,
+        latent_router,
+        score_router,
+        models_router,
+        ops_router,
+        protocol_router,
+        admin_router,
+        web_router,
+    )
     for included in routers:
         # Into the app's own route list: include_router would add a lookup to every request (3% of /encode).
         app.router.routes.extend(included.routes)

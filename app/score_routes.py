@@ -21,9 +21,9 @@ from app.latents import pick_seed
 from app.metrics import Metrics
 from app.registry import MODEL_SCOPE_KEY
 from app.responses import INLINE_ENCODE_MAX_VALUES, ArrayJSONResponse
-from app.routes import BODY_PROBLEMS, IMAGE_UPLOAD_BODY, SeedQuery, serving, versioned
 from app.routing import QueryRoute
 from app.schemas import ScoreResponse
+from app.serving import BODY_PROBLEMS, IMAGE_UPLOAD_BODY, SeedQuery, serving, versioned
 from model.scores import (
     ANOMALY_SCORE,
     LATENT_SCORE,

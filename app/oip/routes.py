@@ -28,7 +28,7 @@ from app.oip.codec import (
 )
 from app.registry import MODEL_SCOPE_KEY, ModelRegistry, ServedModel
 from app.repository import shown
-from app.routes import MODEL_VERSION_HEADER, OPS_TAG, model_registry, serving
+from app.serving import MODEL_VERSION_HEADER, OPS_TAG, model_registry, serving
 from model.manifest import Manifest
 
 PROTOCOL_PREFIX = "/v2"

@@ -20,9 +20,10 @@ from starlette.routing import Match
 
 from app.errors import install_error_handlers
 from app.latent_routes import router as latent_router
-from app.routes import MODELS_PREFIX, model_routes, query_router
+from app.routes import query_router
 from app.routing import PrefixedRoutes, QueryRoute
 from app.score_routes import router as score_router
+from app.serving import MODELS_PREFIX, model_routes
 
 
 async def required_query(
