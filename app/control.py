@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -62,6 +63,12 @@ class Changed:
     workers_switched: int
 
 
+def _log_unawaited_failure(task: asyncio.Task[Changed]) -> None:
+    """A change whose requester is gone still ends; its failure goes to the log (the requester got 504)."""
+    if not task.cancelled() and task.exception() is not None:
+        logger.error("model change finished with an error after its request ended: %s", task.exception())
+
+
 def shape_change(served: Engine | None, loaded: Engine) -> str | None:
     """How `loaded` differs from the served model in what clients size their requests by, or None."""
     if served is None:
@@ -91,6 +98,7 @@ class ModelControl:
         self._lock = asyncio.Lock()
         self._retiring: dict[asyncio.Task[None], Engine] = {}
         self._signalled: set[asyncio.Task[None]] = set()
+        self._changes: set[asyncio.Task[Changed]] = set()
 
     async def start(self) -> None:
         """At startup, once the first models serve (the worker group opens its control socket here)."""
@@ -110,12 +118,32 @@ class ModelControl:
 
     async def apply(self, change: Change) -> Changed:
         """Make `change`; raises ReloadFailed, ShapeChangeRefused, UnloadRefused, UnknownModel or
-        ReloadInProgress, and keeps every model as it was on any failure."""
+        ReloadInProgress, and keeps every model as it was on any failure.
+
+        The change runs to its end even if the request that asked is cancelled (its deadline passed, its
+        client left): a load stopped half-way would leave the model `loading` for good. GET /models shows
+        how it ended."""
         self.check(change)
         if self._lock.locked():
             raise ReloadInProgress()
-        async with self._lock:
-            return await self._apply(change)
+        release = self.exclusive()
+        task = asyncio.get_running_loop().create_task(self._apply_locked(change, release))
+        self._changes.add(task)
+        task.add_done_callback(self._changes.discard)
+        task.add_done_callback(_log_unawaited_failure)
+        return await asyncio.shield(task)
+
+    def exclusive(self) -> Callable[[], None]:
+        """Hold what keeps other changes out beyond this process (nothing here; a worker group's lock), or
+        raise ReloadInProgress; returns its release."""
+        return lambda: None
+
+    async def _apply_locked(self, change: Change, release: Callable[[], None]) -> Changed:
+        try:
+            async with self._lock:
+                return await self._apply(change)
+        finally:
+            release()
 
     async def _apply(self, change: Change) -> Changed:
         prepared = await self.prepare(change)
@@ -267,8 +295,8 @@ class ModelControl:
             logger.error("SIGHUP reload failed: %s", error.detail)
 
     async def stop(self) -> None:
-        """At shutdown: finish a signalled reload, then stop the old engines that are still draining."""
-        await asyncio.gather(*self._signalled, return_exceptions=True)
+        """At shutdown: finish the changes under way, then stop the old engines that are still draining."""
+        await asyncio.gather(*self._signalled, *self._changes, return_exceptions=True)
         retiring = dict(self._retiring)
         for task in retiring:
             task.cancel()

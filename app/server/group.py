@@ -22,6 +22,7 @@ import contextlib
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
@@ -147,20 +148,14 @@ class GroupControl(ModelControl):
             self._start_lock.close()
             self._start_lock = None
 
-    async def apply(self, change: Change) -> Changed:
-        self.check(change)
+    def exclusive(self) -> Callable[[], None]:
+        """The run directory's reload lock, held exclusively: one change at a time across the workers."""
         lock = self.run.try_lock_for_reload()
-        if lock is None or self._lock.locked():
-            if lock is not None:
-                lock.close()
+        if lock is None:
             raise ReloadInProgress()
-        try:
-            async with self._lock:
-                return await self._apply_everywhere(change)
-        finally:
-            lock.close()
+        return lock.close
 
-    async def _apply_everywhere(self, change: Change) -> Changed:
+    async def _apply(self, change: Change) -> Changed:
         peers = await connect_peers(self.run, peer_timeout_seconds(self.settings))
         local, *remote = await asyncio.gather(self.prepare(change), *(peer.prepare(change) for peer in peers))
         outcomes = {os.getpid(): local, **dict(zip((peer.pid for peer in peers), remote, strict=True))}

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -322,3 +323,26 @@ def test_the_shipped_models_serve_without_settings() -> None:
                 f"/models/{name}/reconstruct", content=png(1), headers={"Content-Type": "image/png"}
             )
             assert response.status_code == 200 and response.headers["x-model-version"] == f"{name}/1.1.0"
+
+
+def test_a_load_outliving_its_request_still_ends(model_repository: Path) -> None:
+    """The request's deadline passes while the model loads: it gets 504, and the load still finishes
+    (a load stopped half-way would leave the model `loading` for good)."""
+    with keyed(repository_settings(model_repository, request_timeout_seconds=0.5)) as client:
+        assert client.post("/v2/repository/models/beta/unload").status_code == 200
+        registry = client.app.state.models  # type: ignore[attr-defined]
+        load_engine = registry.load_engine
+
+        def slow_load(*arguments: Any) -> Any:
+            time.sleep(1.5)
+            return load_engine(*arguments)
+
+        registry.load_engine = slow_load
+        assert client.post("/v2/repository/models/beta/load").status_code == 504
+        assert models_by_name(client)["beta"]["state"] == "loading"
+        deadline = time.monotonic() + 30
+        while models_by_name(client)["beta"]["state"] == "loading":
+            assert time.monotonic() < deadline, "the load never ended"
+            time.sleep(0.05)  # poll interval
+        assert models_by_name(client)["beta"]["state"] == "ready"
+        assert client.get("/models/beta/sample?n=1").status_code == 200
