@@ -199,6 +199,7 @@ class ModelRegistry:
         engine, model.engine = model.engine, None
         model.state, model.reason, model.memory_bytes = "unavailable", reason, None
         model.served_dir = model.model_dir
+        model._manifest_on_disk = None  # the folder may have changed since it was read
         return engine
 
     def info_labels(self) -> list[dict[str, str]]:
